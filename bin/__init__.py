@@ -1,0 +1,1 @@
+"""muscle's command-line tools, installed as ``muscle.cli`` (console scripts muscle-*)."""

@@ -1,0 +1,474 @@
+"""The one training loop: task adapters (cross-entropy) and compatibility adapters (MUSCLE).
+
+Read it top to bottom: :func:`fit` is the loop. What differs between task training and
+compatibility training is only the *objective* (how a batch becomes a loss) and where batches
+come from (task data, or the teacher cache); both are passed in.
+
+A run directory holds::
+
+    adapter_config.json, adapter_model.safetensors   the best epoch's adapter (plain PEFT)
+    muscle_adapter.json                              sidecar: task, base, tokenizer, config, metrics
+    muscle_run.json                                  run identity + status (running | done)
+    train_log.jsonl                                  one JSON row per logged step / validation
+    .checkpoint/                                     last resumable state (removed when done)
+
+Re-running the same command resumes from ``.checkpoint``; a directory that holds a different
+run is refused unless ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from muscle import MuscleError, __version__
+from muscle.config import DataConfig, LoraSpec, ModelSpec, TrainConfig, fingerprint, to_dict
+from muscle.data import IGNORE_INDEX, encode_examples, iter_batches, model_max_length, num_batches
+from muscle.models import (
+    attach_lora,
+    base_fingerprint,
+    load_adapter,
+    load_base,
+    load_tokenizer,
+    save_adapter,
+    tokenizer_fingerprint,
+)
+from muscle.tasks import dataset_fingerprint, get_task, load_examples
+
+RUN_FILE = "muscle_run.json"
+LOG_FILE = "train_log.jsonl"
+CKPT_DIR = ".checkpoint"
+
+Batch = dict[str, torch.Tensor]
+
+
+class Objective(Protocol):
+    """How a batch becomes a scalar loss (+ float stats for the log)."""
+
+    name: str
+
+    def __call__(self, model, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+# ------------------------------------------------------------------------------ objectives
+
+
+def valid_rows(batch: Batch) -> torch.Tensor:
+    """Flat indices of the positions that have a next-token label. (n,)"""
+    return (batch["labels"].reshape(-1) != IGNORE_INDEX).nonzero(as_tuple=True)[0]
+
+
+def student_logits(model, batch: Batch, rows: torch.Tensor) -> torch.Tensor:
+    """Logits at the labelled positions only, (n, V): never the padded (B*T, V) in float32."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    logits = out.logits  # (B, T, V)
+    return logits.reshape(-1, logits.shape[-1]).index_select(0, rows)
+
+
+class CrossEntropyObjective:
+    """Task-adapter training: next-token cross-entropy over all labelled tokens."""
+
+    name = "ce"
+
+    def __call__(self, model, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        rows = valid_rows(batch)
+        labels = batch["labels"].reshape(-1).index_select(0, rows)  # (n,)
+        logits = student_logits(model, batch, rows)  # (n, V)
+        loss = F.cross_entropy(logits.float(), labels)
+        return loss, {"loss": loss.item(), "ce": loss.item(), "n_tokens": float(rows.numel())}
+
+
+# ------------------------------------------------------------------------------ run dir
+
+
+@dataclass
+class RunDir:
+    path: Path
+
+    @property
+    def run_file(self) -> Path:
+        return self.path / RUN_FILE
+
+    @property
+    def log_file(self) -> Path:
+        return self.path / LOG_FILE
+
+    @property
+    def ckpt(self) -> Path:
+        return self.path / CKPT_DIR
+
+    def read_run(self) -> dict | None:
+        return json.loads(self.run_file.read_text()) if self.run_file.is_file() else None
+
+    def write_run(self, info: dict) -> None:
+        tmp = self.run_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info, indent=2, default=str) + "\n")
+        os.replace(tmp, self.run_file)
+
+
+def prepare_run_dir(out_dir: str | Path, identity: dict, *, overwrite: bool) -> tuple[RunDir, str]:
+    """Claim ``out_dir`` for the run described by ``identity``.
+
+    Returns the run dir and its state: ``"new"``, ``"resume"`` (same run, unfinished) or
+    ``"done"`` (same run, already finished).
+    """
+    run = RunDir(Path(out_dir))
+    fp = fingerprint(identity)
+    if run.path.exists() and any(run.path.iterdir()):
+        prev = run.read_run()
+        if overwrite:
+            if prev is None and not (run.path / "adapter_config.json").exists():
+                raise MuscleError(
+                    f"{run.path} is not empty and holds no muscle run: refusing to delete it "
+                    "even with --overwrite; choose another --out"
+                )
+            shutil.rmtree(run.path)
+        elif prev is None:
+            raise MuscleError(f"{run.path} is not empty and holds no muscle run: choose another --out")
+        elif prev.get("fingerprint") != fp:
+            raise MuscleError(
+                f"{run.path} holds a different run ({prev.get('kind')}, started "
+                f"{prev.get('started')}): use --overwrite to replace it, or another --out"
+            )
+        elif prev.get("status") == "done":
+            return run, "done"
+        else:
+            return run, "resume"
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.write_run({"fingerprint": fp, "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                   "muscle_version": __version__, **identity})
+    return run, "new"
+
+
+# ------------------------------------------------------------------------------ schedule
+
+
+def lr_lambda(step: int, warmup: int, total: int) -> float:
+    """Linear warmup to the peak lr, then linear decay to 0 at ``total`` (HF Trainer's default)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if total <= warmup:
+        return 1.0
+    return max(0.0, (total - step) / (total - warmup))
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(run: RunDir, model, optimizer, scheduler, state: dict) -> None:
+    """Everything a resumed run needs, written to a temp dir then renamed into place."""
+    tmp = run.path / (CKPT_DIR + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    torch.save(
+        {
+            "params": trainable_state(model),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "state": state,
+        },
+        tmp / "state.pt",
+    )
+    old = run.path / (CKPT_DIR + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if run.ckpt.exists():
+        run.ckpt.rename(old)
+    tmp.rename(run.ckpt)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(run: RunDir, model, optimizer, scheduler) -> dict | None:
+    path = run.ckpt / "state.pt"
+    if not path.is_file():
+        old = run.path / (CKPT_DIR + ".old") / "state.pt"  # killed between the two renames
+        if not old.is_file():
+            return None
+        path = old
+    blob = torch.load(path, weights_only=False)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in blob["params"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    torch.set_rng_state(blob["rng"])
+    return blob["state"]
+
+
+def truncate_log(run: RunDir, n_lines: int) -> None:
+    """Drop log rows written after the checkpoint we resume from."""
+    if not run.log_file.is_file():
+        return
+    lines = run.log_file.read_text().splitlines(keepends=True)[:n_lines]
+    run.log_file.write_text("".join(lines))
+
+
+def append_log(run: RunDir, row: dict) -> None:
+    with run.log_file.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def log_length(run: RunDir) -> int:
+    return len(run.log_file.read_text().splitlines()) if run.log_file.is_file() else 0
+
+
+# ------------------------------------------------------------------------------ the loop
+
+
+@dataclass
+class Data:
+    """Where batches come from. ``train(epoch, skip)`` must give the same batches for the same
+    (epoch, skip) every time: resuming relies on it."""
+
+    train: Callable[[int, int], Iterator[Batch]]
+    validation: Callable[[], Iterator[Batch]]
+    batches_per_epoch: int
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_val_loss: float
+    steps: int
+    history: list[dict] = field(default_factory=list)
+
+
+@torch.no_grad()
+def evaluate_loss(model, objective: Objective, batches: Iterator[Batch], device) -> dict[str, float]:
+    """Token-weighted means of the objective's stats over a split."""
+    model.eval()
+    sums: dict[str, float] = {}
+    n_total = 0.0
+    for batch in batches:
+        batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        _, stats = objective(model, batch)
+        n = stats.get("n_tokens", 1.0)
+        n_total += n
+        for k, v in stats.items():
+            if k != "n_tokens":
+                sums[k] = sums.get(k, 0.0) + v * n
+    model.train()
+    return {k: v / max(n_total, 1.0) for k, v in sums.items()} | {"n_tokens": n_total}
+
+
+def fit(
+    model,
+    objective: Objective,
+    data: Data,
+    cfg: TrainConfig,
+    run: RunDir,
+    *,
+    save_best: Callable[[int, dict], None],
+    device: torch.device,
+    stop_after_steps: int | None = None,
+) -> FitResult:
+    """Train ``model``'s trainable parameters; keep the best epoch by validation loss.
+
+    ``save_best(epoch, val_stats)`` is called whenever an epoch improves the validation loss.
+    ``stop_after_steps`` simulates a crash after that many optimizer steps (tests of resume).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, math.ceil(data.batches_per_epoch / cfg.grad_accum))
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, total_steps)
+    )
+    state = {"epoch": 0, "batch": 0, "step": 0, "best_val": math.inf, "best_epoch": -1, "log_lines": 0}
+    resumed = load_checkpoint(run, model, optimizer, scheduler)
+    if resumed is not None:
+        state = resumed
+        truncate_log(run, state["log_lines"])
+    model.train()
+    bar = tqdm(total=total_steps, initial=state["step"], desc=f"train[{objective.name}]", unit="step",
+               dynamic_ncols=True, disable=None)
+    t0, tokens_seen = time.perf_counter(), 0.0
+    micro, acc_stats = 0, {}
+
+    def checkpoint() -> None:
+        state["log_lines"] = log_length(run)
+        save_checkpoint(run, model, optimizer, scheduler, state)
+
+    while state["epoch"] < cfg.epochs and state["step"] < total_steps:
+        epoch = state["epoch"]
+        for batch in data.train(epoch, state["batch"]):
+            batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            loss, stats = objective(model, batch)
+            (loss / cfg.grad_accum).backward()
+            micro += 1
+            state["batch"] += 1
+            tokens_seen += stats.get("n_tokens", 0.0)
+            for k, v in stats.items():
+                acc_stats[k] = acc_stats.get(k, 0.0) + v
+            last_of_epoch = state["batch"] >= data.batches_per_epoch
+            if micro < cfg.grad_accum and not last_of_epoch:
+                continue
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            row = {k: v / micro for k, v in acc_stats.items() if k != "n_tokens"}
+            row |= {"split": "train", "step": state["step"], "epoch": epoch,
+                    "lr": scheduler.get_last_lr()[0], "n_tokens": acc_stats.get("n_tokens", 0.0),
+                    "tokens_per_s": tokens_seen / max(time.perf_counter() - t0, 1e-9)}
+            micro, acc_stats = 0, {}
+            if state["step"] % cfg.log_every == 0:
+                append_log(run, row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            if state["step"] % cfg.checkpoint_every == 0:
+                checkpoint()
+            if stop_after_steps is not None and state["step"] >= stop_after_steps:
+                bar.close()
+                raise KeyboardInterrupt("stop_after_steps reached (test hook)")
+            if state["step"] >= total_steps:
+                break
+        # End of epoch (or of max_steps): validate, keep the best, checkpoint.
+        val = evaluate_loss(model, objective, data.validation(), device)
+        val_row = {"split": "validation", "epoch": epoch, "step": state["step"], **val}
+        append_log(run, val_row)
+        tqdm.write(f"epoch {epoch}: validation loss {val.get('loss', float('nan')):.4f}")
+        if val.get("loss", math.inf) < state["best_val"]:
+            state["best_val"], state["best_epoch"] = val["loss"], epoch
+            save_best(epoch, val)
+        state["epoch"], state["batch"] = epoch + 1, 0
+        checkpoint()
+    bar.close()
+    return FitResult(state["best_epoch"], state["best_val"], state["step"], read_log(run))
+
+
+def read_log(run: RunDir) -> list[dict]:
+    if not run.log_file.is_file():
+        return []
+    return [json.loads(line) for line in run.log_file.read_text().splitlines() if line.strip()]
+
+
+def finish_run(run: RunDir, result: FitResult) -> None:
+    info = run.read_run() or {}
+    info |= {"status": "done", "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+             "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
+             "steps": result.steps}
+    run.write_run(info)
+    shutil.rmtree(run.ckpt, ignore_errors=True)
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ------------------------------------------------------------------------------ task adapters
+
+
+@dataclass
+class TaskTrainResult:
+    out_dir: Path
+    state: str  # "trained" | "already done"
+    best_epoch: int
+    best_val_loss: float
+
+
+def train_task_adapter(
+    model: ModelSpec,
+    data_cfg: DataConfig,
+    out_dir: str | Path,
+    *,
+    lora: LoraSpec = LoraSpec(),
+    train_cfg: TrainConfig = TrainConfig(),
+    overwrite: bool = False,
+    device: str | None = None,
+    stop_after_steps: int | None = None,
+) -> TaskTrainResult:
+    """``muscle-train --task``: a LoRA task adapter on ``model.base`` with cross-entropy.
+
+    ``model.adapter``, if given, initialises the adapter (continued training) instead of a fresh
+    LoRA.
+    """
+    task = get_task(data_cfg.task)
+    dev = pick_device(device)
+    tok = load_tokenizer(model)
+    train_ex = load_examples(task, "train", source=data_cfg.source, data_dir=data_cfg.data_dir,
+                             val_fraction=data_cfg.val_fraction, split_seed=data_cfg.split_seed,
+                             max_examples=data_cfg.max_examples)
+    val_ex = load_examples(task, "validation", source=data_cfg.source, data_dir=data_cfg.data_dir,
+                           val_fraction=data_cfg.val_fraction, split_seed=data_cfg.split_seed,
+                           max_examples=data_cfg.max_examples)
+    identity = {
+        "kind": "task",
+        "task": task.name,
+        "base": model.base,
+        "base_fingerprint": base_fingerprint(model),
+        "init_adapter": model.adapter,
+        "data": to_dict(data_cfg),
+        "dataset_fingerprint": dataset_fingerprint(task, train_ex + val_ex),
+        "lora": to_dict(lora),
+        "train": {k: v for k, v in to_dict(train_cfg).items() if k not in ("checkpoint_every", "log_every")},
+    }
+    run, run_state = prepare_run_dir(out_dir, identity, overwrite=overwrite)
+    if run_state == "done":
+        info = run.read_run()
+        tqdm.write(f"{run.path}: already trained (best epoch {info.get('best_epoch')}); "
+                   "use --overwrite to train again")
+        return TaskTrainResult(run.path, "already done", info.get("best_epoch", -1), info.get("best_val_loss", math.nan))
+
+    torch.manual_seed(train_cfg.seed)
+    base = load_base(model, dev)
+    max_len = data_cfg.max_length or model_max_length(base)
+    enc_kw = {"answer_only": data_cfg.answer_only, "max_length": max_len, "truncation": data_cfg.truncation}
+    train_enc = encode_examples(tok, task, train_ex, **enc_kw)
+    val_enc = encode_examples(tok, task, val_ex, **enc_kw)
+    if model.adapter:
+        peft_model = load_adapter(base, model.adapter, trainable=True, base_spec=ModelSpec(model.base, None, model.revision, model.gguf_file, model.dtype))
+    else:
+        peft_model = attach_lora(base, lora)
+    peft_model.to(dev)
+    pad = tok.pad_token_id
+    bs, seed = train_cfg.batch_size, train_cfg.seed
+    data = Data(
+        train=lambda epoch, skip: iter_batches(train_enc, bs, pad, shuffle=True, seed=seed, epoch=epoch, skip=skip),
+        validation=lambda: iter_batches(val_enc, bs, pad, shuffle=False),
+        batches_per_epoch=num_batches(len(train_enc), bs),
+    )
+    sidecar_base = {
+        "format": 1,
+        "kind": "task",
+        "muscle_version": __version__,
+        "task": task.name,
+        "base": {"path": model.base, "revision": model.revision, "gguf_file": model.gguf_file,
+                 "fingerprint": identity["base_fingerprint"]},
+        "tokenizer_fingerprint": tokenizer_fingerprint(tok),
+        "data": to_dict(data_cfg),
+        "dataset_fingerprint": identity["dataset_fingerprint"],
+        "lora": to_dict(lora),
+        "train": to_dict(train_cfg),
+        "init_adapter": model.adapter,
+    }
+
+    def save_best(epoch: int, val: dict) -> None:
+        save_adapter(peft_model, run.path, sidecar_base | {"best_epoch": epoch, "validation": val})
+
+    result = fit(peft_model, CrossEntropyObjective(), data, train_cfg, run, save_best=save_best,
+                 device=dev, stop_after_steps=stop_after_steps)
+    finish_run(run, result)
+    return TaskTrainResult(run.path, "trained", result.best_epoch, result.best_val_loss)

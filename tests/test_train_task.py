@@ -1,0 +1,127 @@
+"""Task-adapter training (`muscle-train --task`) on a tiny Llama and real PIQA text."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from muscle.cli.train import main as train_main
+from muscle.config import DataConfig, LoraSpec, ModelSpec, TrainConfig
+from muscle.train import read_log, train_task_adapter
+from tiny import SHARED_DATA, make_model_dir
+
+LORA = LoraSpec(r=8, alpha=16)
+DATA = DataConfig(task="piqa", data_dir=str(SHARED_DATA), max_examples=120, max_length=128)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("base") / "m", seed=0)
+
+
+@pytest.fixture(scope="module")
+def other_base_dir(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("base2") / "m", seed=1)
+
+
+def cfg(**kw) -> TrainConfig:
+    base = {"lr": 1e-2, "epochs": 3, "grad_accum": 2, "warmup_steps": 2, "batch_size": 8, "checkpoint_every": 3}
+    return TrainConfig(**(base | kw))
+
+
+@pytest.fixture(scope="module")
+def trained(base_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "v1"
+    res = train_task_adapter(ModelSpec(str(base_dir)), DATA, out, lora=LORA, train_cfg=cfg())
+    return out, res
+
+
+def test_training_lowers_validation_loss(trained):
+    out, res = trained
+    val = [r["loss"] for r in read_log(type("R", (), {"log_file": out / "train_log.jsonl"})()) if r["split"] == "validation"]
+    assert len(val) == 3
+    assert val[-1] < val[0] - 0.05, val
+    assert res.best_epoch == min(range(3), key=lambda i: val[i])
+    run = json.loads((out / "muscle_run.json").read_text())
+    assert run["status"] == "done" and not (out / ".checkpoint").exists()
+
+
+def test_adapter_reloads_to_identical_logits_through_plain_peft(trained, base_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out, _ = trained
+    side = json.loads((out / "muscle_adapter.json").read_text())
+    assert side["task"] == "piqa" and side["kind"] == "task" and side["tokenizer_fingerprint"]
+    cfg_json = json.loads((out / "adapter_config.json").read_text())
+    assert cfg_json["r"] == 8 and cfg_json["peft_type"] == "LORA"
+    x = torch.randint(3, 500, (2, 17))
+    m1 = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), str(out)).eval()
+    m2 = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), str(out)).eval()
+    with torch.no_grad():
+        a, b = m1(x).logits, m2(x).logits
+        plain = AutoModelForCausalLM.from_pretrained(base_dir).eval()(x).logits
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, plain, atol=1e-4)  # the adapter really changes the model
+    # the weights saved are those of a trained LoRA: B matrices no longer zero
+    w = load_file(str(out / "adapter_model.safetensors"))
+    assert any("lora_B" in k and w[k].abs().max() > 0 for k in w)
+
+
+def test_resume_after_interruption_equals_uninterrupted(base_dir, tmp_path):
+    c = cfg(epochs=2, max_steps=9)
+    full = tmp_path / "full"
+    train_task_adapter(ModelSpec(str(base_dir)), DATA, full, lora=LORA, train_cfg=c)
+    part = tmp_path / "part"
+    with pytest.raises(KeyboardInterrupt):
+        train_task_adapter(ModelSpec(str(base_dir)), DATA, part, lora=LORA, train_cfg=c, stop_after_steps=5)
+    assert (part / ".checkpoint").exists()
+    res = train_task_adapter(ModelSpec(str(base_dir)), DATA, part, lora=LORA, train_cfg=c)
+    assert res.state == "trained"
+    a = load_file(str(full / "adapter_model.safetensors"))
+    b = load_file(str(part / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    steps = [r["step"] for r in read_log(type("R", (), {"log_file": part / "train_log.jsonl"})()) if r["split"] == "train"]
+    assert steps == sorted(set(steps))  # no duplicated log rows after resume
+    # a finished run re-run with the same command is a no-op
+    again = train_task_adapter(ModelSpec(str(base_dir)), DATA, part, lora=LORA, train_cfg=c)
+    assert again.state == "already done"
+
+
+def run_cli(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_main(args)
+    err = capsys.readouterr().err
+    return e.value.code, err
+
+
+def test_bad_inputs(base_dir, other_base_dir, trained, tmp_path, capsys):
+    common = ["--data-dir", str(SHARED_DATA), "--max-examples", "20", "--lora-r", "4", "--max-steps", "1"]
+    code, err = run_cli(["--task", "nope", "--base", str(base_dir), "--out", str(tmp_path / "a")] + common, capsys)
+    assert code == 2 and "unknown task 'nope'" in err and "Traceback" not in err
+    code, err = run_cli(["--task", "piqa", "--base", str(tmp_path / "missing"), "--out", str(tmp_path / "a")] + common, capsys)
+    assert code == 2 and "base model not found" in err
+    code, err = run_cli(["--task", "piqa", "--base", str(base_dir), "--out", str(tmp_path / "a"),
+                         "--data-dir", str(tmp_path), "--max-steps", "1"], capsys)
+    assert code == 2 and "data file not found" in err
+    # an adapter trained on another base
+    out, _ = trained
+    code, err = run_cli(["--task", "piqa", "--base", str(other_base_dir), "--adapter", str(out),
+                         "--out", str(tmp_path / "b")] + common, capsys)
+    assert code == 2 and "was trained on base" in err
+    # out dir holding a different run: refused, nothing touched
+    before = (out / "adapter_model.safetensors").read_bytes()
+    code, err = run_cli(["--task", "piqa", "--base", str(base_dir), "--out", str(out)] + common, capsys)
+    assert code == 2 and "holds a different run" in err and "--overwrite" in err
+    assert (out / "adapter_model.safetensors").read_bytes() == before
+    # sequence longer than the model's context, when refusing
+    code, err = run_cli(["--task", "piqa", "--base", str(base_dir), "--out", str(tmp_path / "c"),
+                         "--max-length", "8", "--truncation", "refuse"] + common, capsys)
+    assert code == 2 and "max_length=8" in err
+    # no examples left
+    code, err = run_cli(["--task", "piqa", "--base", str(base_dir), "--out", str(tmp_path / "d"),
+                         "--data-dir", str(SHARED_DATA), "--max-examples", "0", "--max-steps", "1"], capsys)
+    assert code == 2 and "no examples" in err

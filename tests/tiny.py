@@ -1,0 +1,65 @@
+"""Tiny models and tokenizers built from scratch for tests (no hub, seconds on a CPU)."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def corpus_lines(n: int = 3000) -> list[str]:
+    """Some real text for the tokenizer: PIQA goals/solutions and GSM8K questions."""
+    out: list[str] = []
+    with (SHARED_DATA / "piqa" / "train.jsonl").open() as f:
+        for i, line in enumerate(f):
+            if i >= n:
+                break
+            r = json.loads(line)
+            out += [r["goal"], r["sol1"], r["sol2"]]
+    with (SHARED_DATA / "gsm8k" / "train.jsonl").open() as f:
+        for i, line in enumerate(f):
+            if i >= n // 4:
+                break
+            r = json.loads(line)
+            out += [r["question"], r["answer"]]
+    return out
+
+
+@lru_cache(maxsize=4)
+def build_tokenizer(vocab_size: int = 600):
+    """A byte-level BPE tokenizer with BOS prepended, like Llama's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus_lines(), trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+
+
+def make_model_dir(path: Path, *, seed: int = 0, hidden: int = 64, layers: int = 2, vocab_size: int = 600) -> Path:
+    """Save a tiny random Llama + the shared tiny tokenizer as a HF model directory."""
+    from muscle.models import tiny_llama
+
+    tok = build_tokenizer(vocab_size)
+    model = tiny_llama(len(tok), hidden=hidden, layers=layers, seed=seed)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
