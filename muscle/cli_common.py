@@ -1,0 +1,81 @@
+"""What every muscle CLI shares: user errors as one line on stderr, exit status 2, no traceback.
+
+Wrap an entry point with :func:`run_cli`::
+
+    @click.group()
+    def cli(): ...
+
+    main = run_cli(cli)              # console script target: muscle.cli.foo:main
+
+``main(args=None)`` returns the exit status (0 on success) and calls ``sys.exit`` on errors.
+Set ``MUSCLE_DEBUG=1`` to get the traceback back.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from muscle import MuscleError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+
+
+def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
+    """Print ``error: <message>`` as a single line on stderr and exit with ``code``."""
+    one_line = " ".join(str(message).split()) or "unknown error"
+    print(f"error: {one_line}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def _os_error_message(e: OSError) -> str:
+    what = {
+        FileNotFoundError: "no such file or directory",
+        PermissionError: "permission denied",
+        IsADirectoryError: "is a directory",
+        NotADirectoryError: "not a directory",
+    }.get(type(e), e.strerror or type(e).__name__)
+    return f"{what}: {e.filename}" if e.filename else what
+
+
+def _call(fn: Callable[..., Any], args: tuple, kwargs: dict) -> int:
+    if isinstance(fn, click.Command):
+        # standalone_mode=False: click raises instead of exiting, so the errors of the command
+        # itself reach the handlers below; click's own usage errors are shown the click way.
+        rv = fn.main(*args, standalone_mode=False, **kwargs)
+    else:
+        rv = fn(*args, **kwargs)
+    return rv if isinstance(rv, int) else 0
+
+
+def run_cli(fn: Callable[..., Any]) -> Callable[..., int]:
+    """Wrap a CLI entry point (a click command/group or a plain function) with error handling."""
+
+    @functools.wraps(fn)
+    def entry(*args: Any, **kwargs: Any) -> int:
+        if os.environ.get("MUSCLE_DEBUG"):
+            return _call(fn, args, kwargs)
+        try:
+            return _call(fn, args, kwargs)
+        except MuscleError as e:
+            fail(str(e))
+        except click.ClickException as e:  # usage errors: "Usage: ... Error: ..." on stderr
+            e.show()
+            sys.exit(e.exit_code)
+        except (KeyboardInterrupt, click.Abort):
+            fail("interrupted", EXIT_INTERRUPTED)
+        except BrokenPipeError:
+            # `muscle-eval compare ... | head`: the reader left; exit quietly, as cat does.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
+        except OSError as e:
+            fail(_os_error_message(e))
+        return EXIT_USER_ERROR  # unreachable: fail() exits
+
+    return entry
