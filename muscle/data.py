@@ -173,12 +173,27 @@ def iter_batches(
     seed: int = 0,
     epoch: int = 0,
     skip: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Collated batches of ``encoded``; ``skip`` drops the first batches (to resume mid-epoch)."""
-    for i, group in enumerate(batch_order(len(encoded), batch_size, shuffle=shuffle, seed=seed, epoch=epoch)):
+    """Collated batches of ``encoded``; ``skip`` drops the first batches (to resume mid-epoch).
+
+    With ``world_size`` > 1 the batches are *global* (``batch_size * world_size`` examples, the
+    same order on every rank) and each rank yields its own contiguous slice of each one.
+    """
+    groups = batch_order(len(encoded), batch_size * world_size, shuffle=shuffle, seed=seed, epoch=epoch)
+    for i, group in enumerate(groups):
         if i < skip:
             continue
-        yield collate([encoded[j] for j in group], pad_id)
+        mine = group[rank * batch_size : (rank + 1) * batch_size]
+        if mine:
+            yield collate([encoded[j] for j in mine], pad_id)
+        else:
+            # The last global batch can leave a rank without examples. It still has to take
+            # part in the step (DDP's all-reduce), so it gets one example with no targets.
+            dummy = collate([encoded[group[0]]], pad_id)
+            dummy["labels"].fill_(IGNORE_INDEX)
+            yield dummy
 
 
 def num_batches(n: int, batch_size: int) -> int:

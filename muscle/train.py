@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from muscle import MuscleError, __version__
+from muscle import MuscleError, __version__, distributed
 from muscle.config import DataConfig, LoraSpec, ModelSpec, TrainConfig, fingerprint, to_dict
 from muscle.data import IGNORE_INDEX, encode_examples, iter_batches, model_max_length, num_batches
 from muscle.models import (
@@ -76,6 +76,13 @@ def student_logits(model, batch: Batch, rows: torch.Tensor) -> torch.Tensor:
     return logits.reshape(-1, logits.shape[-1]).index_select(0, rows)
 
 
+def empty_batch_loss(model, batch: Batch) -> torch.Tensor:
+    """A zero loss that still touches every trainable parameter (a rank with nothing to learn
+    in this step must still join DDP's gradient all-reduce)."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return out.logits.sum() * 0.0
+
+
 class CrossEntropyObjective:
     """Task-adapter training: next-token cross-entropy over all labelled tokens."""
 
@@ -83,6 +90,8 @@ class CrossEntropyObjective:
 
     def __call__(self, model, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         rows = valid_rows(batch)
+        if rows.numel() == 0:
+            return empty_batch_loss(model, batch), {"loss": 0.0, "ce": 0.0, "n_tokens": 0.0}
         labels = batch["labels"].reshape(-1).index_select(0, rows)  # (n,)
         logits = student_logits(model, batch, rows)  # (n, V)
         loss = F.cross_entropy(logits.float(), labels)
@@ -125,6 +134,17 @@ def prepare_run_dir(out_dir: str | Path, identity: dict, *, overwrite: bool) -> 
     """
     run = RunDir(Path(out_dir))
     fp = fingerprint(identity)
+    info = distributed.dist_info()
+    if info.enabled and not info.is_main:
+        distributed.barrier()  # rank 0 claims the directory first
+        prev = run.read_run() or {}
+        return run, ("done" if prev.get("status") == "done" else "resume")
+    result = _claim_run_dir(run, fp, identity, overwrite)
+    distributed.barrier()
+    return run, result
+
+
+def _claim_run_dir(run: RunDir, fp: str, identity: dict, overwrite: bool) -> str:
     if run.path.exists() and any(run.path.iterdir()):
         prev = run.read_run()
         if overwrite:
@@ -142,13 +162,13 @@ def prepare_run_dir(out_dir: str | Path, identity: dict, *, overwrite: bool) -> 
                 f"{prev.get('started')}): use --overwrite to replace it, or another --out"
             )
         elif prev.get("status") == "done":
-            return run, "done"
+            return "done"
         else:
-            return run, "resume"
+            return "resume"
     run.path.mkdir(parents=True, exist_ok=True)
     run.write_run({"fingerprint": fp, "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
                    "muscle_version": __version__, **identity})
-    return run, "new"
+    return "new"
 
 
 # ------------------------------------------------------------------------------ schedule
@@ -283,8 +303,14 @@ def fit(
     ``save_best(epoch, val_stats)`` is called whenever an epoch improves the validation loss.
     ``stop_after_steps`` simulates a crash after that many optimizer steps (tests of resume).
     """
+    info = distributed.dist_info()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step_model = model
+    if info.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     steps_per_epoch = max(1, math.ceil(data.batches_per_epoch / cfg.grad_accum))
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps is not None:
@@ -299,20 +325,23 @@ def fit(
         truncate_log(run, state["log_lines"])
     model.train()
     bar = tqdm(total=total_steps, initial=state["step"], desc=f"train[{objective.name}]", unit="step",
-               dynamic_ncols=True, disable=None)
+               dynamic_ncols=True, disable=None if info.is_main else True)
     t0, tokens_seen = time.perf_counter(), 0.0
     micro, acc_stats = 0, {}
 
     def checkpoint() -> None:
-        state["log_lines"] = log_length(run)
-        save_checkpoint(run, model, optimizer, scheduler, state)
+        if info.is_main:
+            state["log_lines"] = log_length(run)
+            save_checkpoint(run, model, optimizer, scheduler, state)
+        distributed.barrier()
 
     while state["epoch"] < cfg.epochs and state["step"] < total_steps:
         epoch = state["epoch"]
         for batch in data.train(epoch, state["batch"]):
             batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-            loss, stats = objective(model, batch)
-            (loss / cfg.grad_accum).backward()
+            loss, stats = objective(step_model, batch)
+            weight = distributed.token_weight(stats.get("n_tokens", 1.0), device)
+            (loss * (weight / cfg.grad_accum)).backward()
             micro += 1
             state["batch"] += 1
             tokens_seen += stats.get("n_tokens", 0.0)
@@ -332,7 +361,7 @@ def fit(
                     "lr": scheduler.get_last_lr()[0], "n_tokens": acc_stats.get("n_tokens", 0.0),
                     "tokens_per_s": tokens_seen / max(time.perf_counter() - t0, 1e-9)}
             micro, acc_stats = 0, {}
-            if state["step"] % cfg.log_every == 0:
+            if state["step"] % cfg.log_every == 0 and info.is_main:
                 append_log(run, row)
             bar.update(1)
             bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
@@ -346,14 +375,17 @@ def fit(
         # End of epoch (or of max_steps): validate, keep the best, checkpoint.
         val = evaluate_loss(model, objective, data.validation(), device)
         val_row = {"split": "validation", "epoch": epoch, "step": state["step"], **val}
-        append_log(run, val_row)
-        tqdm.write(f"epoch {epoch}: validation loss {val.get('loss', float('nan')):.4f}")
+        if info.is_main:
+            append_log(run, val_row)
+            tqdm.write(f"epoch {epoch}: validation loss {val.get('loss', float('nan')):.4f}")
         if val.get("loss", math.inf) < state["best_val"]:
             state["best_val"], state["best_epoch"] = val["loss"], epoch
-            save_best(epoch, val)
+            if info.is_main:
+                save_best(epoch, val)
         state["epoch"], state["batch"] = epoch + 1, 0
         checkpoint()
     bar.close()
+    distributed.barrier()
     return FitResult(state["best_epoch"], state["best_val"], state["step"], read_log(run))
 
 
@@ -364,6 +396,8 @@ def read_log(run: RunDir) -> list[dict]:
 
 
 def finish_run(run: RunDir, result: FitResult) -> None:
+    if not distributed.dist_info().is_main:
+        return
     info = run.read_run() or {}
     info |= {"status": "done", "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
              "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
@@ -407,6 +441,7 @@ def train_task_adapter(
     """
     task = get_task(data_cfg.task)
     dev = pick_device(device)
+    dinfo = distributed.init(dev)
     tok = load_tokenizer(model)
     train_ex = load_examples(task, "train", source=data_cfg.source, data_dir=data_cfg.data_dir,
                              val_fraction=data_cfg.val_fraction, split_seed=data_cfg.split_seed,
@@ -446,9 +481,10 @@ def train_task_adapter(
     pad = tok.pad_token_id
     bs, seed = train_cfg.batch_size, train_cfg.seed
     data = Data(
-        train=lambda epoch, skip: iter_batches(train_enc, bs, pad, shuffle=True, seed=seed, epoch=epoch, skip=skip),
+        train=lambda epoch, skip: iter_batches(train_enc, bs, pad, shuffle=True, seed=seed, epoch=epoch,
+                                               skip=skip, rank=dinfo.rank, world_size=dinfo.world_size),
         validation=lambda: iter_batches(val_enc, bs, pad, shuffle=False),
-        batches_per_epoch=num_batches(len(train_enc), bs),
+        batches_per_epoch=num_batches(len(train_enc), bs * dinfo.world_size),
     )
     sidecar_base = {
         "format": 1,

@@ -1,0 +1,72 @@
+"""torchrun data parallelism, kept small: who am I, a barrier, and token-weighted loss scaling.
+
+Under ``torchrun --nproc_per_node N`` every rank sees RANK / WORLD_SIZE / LOCAL_RANK in its
+environment. Each rank takes its own slice of every *global* batch (``batch_size`` examples per
+rank), so N ranks with batch size B follow the same trajectory as one process with batch N*B.
+Rank 0 alone writes logs, checkpoints and the adapter.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def dist_info() -> DistInfo:
+    return DistInfo(
+        rank=int(os.environ.get("RANK", 0)),
+        world_size=int(os.environ.get("WORLD_SIZE", 1)),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+    )
+
+
+def init(device: torch.device) -> DistInfo:
+    """Join the process group when launched by torchrun (gloo on CPU, nccl on CUDA)."""
+    info = dist_info()
+    if info.enabled and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return info
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(value: float, device: torch.device) -> float:
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def token_weight(n_local: float, device: torch.device) -> float:
+    """Factor that turns this rank's per-token mean loss into its share of the global mean.
+
+    DDP averages gradients over ranks; multiplying each rank's mean by
+    ``world * n_local / n_global`` makes that average the mean over all tokens of the global
+    batch, exactly what one process would compute.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1.0
+    n_global = all_reduce_sum(n_local, device)
+    return dist.get_world_size() * n_local / max(n_global, 1.0)
