@@ -1,0 +1,532 @@
+"""Fused masked top-K KL distillation loss (MUSCLE, DESIGN §4-5) in Triton.
+
+Layering, as in Liger-Kernel: ``_masked_kl_fwd_kernel`` (jit, one program per row) ->
+``masked_kl_forward`` (launcher: validation, block sizes, allocation) -> ``MaskedKLFunction``
+(autograd; the forward computes the gradient, backward only scales it) -> ``masked_kl_triton``.
+
+Per row i (label y, student logits z, temperature T, q = softmax(z / T)) the kernel:
+
+1. sweeps the vocabulary once in BLOCK_V blocks: online max and sum-exp of z / T (and of z for
+   the CE term), and the running argmax of z (lowest id on ties) for the "v2c_wrong" mask;
+2. picks the teacher (m_i = 1 -> v1), gathers z at its K ids and computes
+   KL_S(p || q) = sum_S p (lp - log q) + p_tail (log p_tail - log q_tail);
+   log q_tail = log(1 - sum_S q) when that is >= 2^-10 (cancellation costs < ~1e-4 relative),
+   otherwise exactly, in log space, by a sum-exp over the complement of S (a second read of the
+   row; rare: the student must put > 99.9% of its tempered mass on the teacher's top-K);
+3. sweeps again writing the gradient of the per-row loss, scaled by its final weight: the
+   "j not in S" formula (q_j / T)(P - p_tail / q_tail) everywhere (plus the CE gradient), then,
+   after a barrier, overwrites the K entries of S with (P q_j - p_j) / T (plus CE). P =
+   sum_S p + p_tail is 1 up to rounding of the stored log-probs (DESIGN §4's closed form);
+   keeping it makes the gradient the exact derivative of the returned loss, as
+   muscle/losses.py specifies for every implementation.
+
+The row is read twice and written once (three times read in the rare exact-tail case). The
+gradient goes into the logits buffer itself by default (``inplace_backward=True``, as Liger's
+cross-entropy does): the caller's logits tensor is overwritten, so do not reuse it after the
+call. Accumulation is float32 for every input dtype; the gradient is stored in z's dtype.
+
+Assumptions: teacher ids are unique within a row (duplicates would be counted twice in sum_S and
+the fix-up pass would write the same entry twice) and lie in [0, V); labels lie in [0, V) or
+equal ignore_index. A teacher entry with log-prob -inf (padding) has p = 0 and contributes 0.
+If the complement of S is empty (K = V) the tail bin is dropped (p_tail is then only rounding).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# 1 - sum_S q below this -> compute log q_tail exactly over the complement (see module doc).
+_TAIL_EXACT_BELOW = 2.0**-10
+
+_MASK_MODES = ("v2c_wrong", "v1_correct", "always_v1", "always_v2")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _masked_kl_fwd_kernel(
+    z_ptr,  # (N, V) student logits, fp32 / bf16 / fp16, unit stride along V
+    z_stride,
+    g_ptr,  # (N, V) gradient out, z's dtype (== z_ptr when in place); unused w/o COMPUTE_GRAD
+    g_stride,
+    y_ptr,  # (N,) int64 labels
+    mask_ptr,  # (N,) int8, 1 = align to v1; unused when MASK_ARGMAX
+    ids1_ptr,  # (N, K1) int32 teacher v1 top-K ids
+    lp1_ptr,  # (N, K1) float32 teacher v1 log-probs at temperature T
+    ids1_stride,
+    K1,
+    ids2_ptr,  # (N, K2) int32
+    lp2_ptr,  # (N, K2) float32
+    ids2_stride,
+    K2,
+    kl_out_ptr,  # (N,) float32 per-row KL_S (0 on ignored rows)
+    ce_out_ptr,  # (N,) float32 per-row CE at temperature 1 (0 if not COMPUTE_CE)
+    m_out_ptr,  # (N,) int8 per-row mask actually used
+    V,
+    ignore_index,
+    inv_T,  # 1 / T
+    kl_w,  # gradient weight of the KL term: (1 - ce_weight) * (T^2 if t2_scale) / n_valid
+    ce_w,  # gradient weight of the CE term: ce_weight / n_valid
+    tail_exact_below,
+    MASK_ARGMAX: tl.constexpr,  # mask = (argmax z != y), known only after the first sweep
+    COMPUTE_CE: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,  # vocab block of the exact-tail sweep (BLOCK_C x BLOCK_K compare)
+):
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * z_stride
+    g_row = g_ptr + row * g_stride
+    offs = tl.arange(0, BLOCK_V)
+    y = tl.load(y_ptr + row)
+
+    if y == ignore_index:
+        # Ignored rows: no loss, zero gradient (the buffer may hold the logits: overwrite them).
+        tl.store(kl_out_ptr + row, 0.0)
+        tl.store(ce_out_ptr + row, 0.0)
+        tl.store(m_out_ptr + row, 0)
+        if COMPUTE_GRAD:
+            for start in range(0, V, BLOCK_V):
+                cols = start + offs
+                tl.store(g_row + cols, tl.zeros([BLOCK_V], tl.float32), mask=cols < V)
+        return
+
+    # ---- sweep 1: online max / sum-exp of z/T (and z), running argmax of z ------------------
+    # One max serves both temperatures: max(z / T) = max(z) / T for T > 0.
+    m = float("-inf")
+    s_t = 0.0  # sum exp((z - m) / T)
+    s_1 = 0.0  # sum exp(z - m)
+    amax = 0
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        x = tl.load(z_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        bmax = tl.max(x, 0)
+        if MASK_ARGMAX:
+            barg = tl.argmax(x, 0, tie_break_left=True)
+            # strict '>' keeps the earlier block on ties: lowest id wins overall
+            amax = tl.where(bmax > m, start + barg, amax)
+        m_new = tl.maximum(m, bmax)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: no NaN
+        s_t = s_t * tl.exp((m - m_safe) * inv_T) + tl.sum(tl.exp((x - m_safe) * inv_T), 0)
+        if COMPUTE_CE:
+            s_1 = s_1 * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), 0)
+        m = m_new
+    log_s_t = tl.log(s_t)  # log q_j = (z_j - m) / T - log_s_t: shifted, so exact for |z| ~ 1e4
+
+    # ---- the mask picks one teacher; gather z at its K ids ---------------------------------
+    if MASK_ARGMAX:
+        sel = tl.where(amax != y, 1, 0)
+    else:
+        sel = tl.where(tl.load(mask_ptr + row) != 0, 1, 0)
+    use_v1 = sel == 1
+    offk = tl.arange(0, BLOCK_K)
+    k1 = offk < K1 * sel  # (BLOCK_K,) lanes of v1 when it is selected, none otherwise
+    k2 = offk < K2 * (1 - sel)
+    kmask = k1 | k2  # (BLOCK_K,)
+    # masked loads touch no memory: only the selected teacher's K entries are read
+    ids = tl.where(
+        use_v1,
+        tl.load(ids1_ptr + row * ids1_stride + offk, mask=k1, other=0),
+        tl.load(ids2_ptr + row * ids2_stride + offk, mask=k2, other=0),
+    )
+    lp = tl.where(
+        use_v1,
+        tl.load(lp1_ptr + row * ids1_stride + offk, mask=k1, other=float("-inf")),
+        tl.load(lp2_ptr + row * ids2_stride + offk, mask=k2, other=float("-inf")),
+    )
+    zs = tl.load(z_row + ids, mask=kmask, other=0.0).to(tl.float32)  # (BLOCK_K,)
+    logq = (zs - m) * inv_T - log_s_t
+    q = tl.where(kmask, tl.exp(logq), 0.0)
+    p = tl.exp(lp)  # 0 on padding lanes and on -inf log-probs
+    p_tail = tl.minimum(tl.maximum(1.0 - tl.sum(p, 0), 0.0), 1.0)
+    # 0 * log 0 = 0: keep -inf log-probs out of the arithmetic altogether
+    kl = tl.sum(p * (tl.where(p > 0.0, lp, 0.0) - logq), 0)
+
+    # ---- log q_tail: cheap complement when well-conditioned, exact sum-exp otherwise -------
+    one_minus = 1.0 - tl.sum(q, 0)
+    if one_minus >= tail_exact_below:
+        log_q_tail = tl.log(one_minus)
+    else:
+        # Sum-exp over j not in S, with its own running max, so log q_tail stays finite and
+        # exact even when q_tail underflows (extreme logits). Membership of each vocab entry
+        # in S by a (BLOCK_C, BLOCK_K) compare: no scratch buffer, input left untouched.
+        offc = tl.arange(0, BLOCK_C)
+        mc = float("-inf")
+        sc = 0.0
+        for start in range(0, V, BLOCK_C):
+            cols = start + offc
+            x = tl.load(z_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+            hit = (cols[:, None] == ids[None, :]) & kmask[None, :]  # (BLOCK_C, BLOCK_K)
+            in_s = tl.max(hit.to(tl.int32), 1) > 0
+            x = tl.where(in_s, float("-inf"), x)
+            mc_new = tl.maximum(mc, tl.max(x, 0))
+            mc_safe = tl.where(mc_new == float("-inf"), 0.0, mc_new)
+            sc = sc * tl.exp((mc - mc_safe) * inv_T) + tl.sum(tl.exp((x - mc_safe) * inv_T), 0)
+            mc = mc_new
+        # sc == 0 (empty complement, K = V) -> -inf: the tail bin is dropped below
+        log_q_tail = tl.where(
+            sc > 0.0,
+            (mc - m) * inv_T + tl.log(tl.where(sc > 0.0, sc, 1.0)) - log_s_t,
+            float("-inf"),
+        )
+    has_tail = log_q_tail > float("-inf")
+    use_tail = has_tail & (p_tail > 0.0)
+    # both logs guarded so that no lane ever computes 0 * inf (NaN-free, also under the hood)
+    log_p_tail = tl.log(tl.where(use_tail, p_tail, 1.0))
+    kl += tl.where(use_tail, p_tail * (log_p_tail - tl.where(use_tail, log_q_tail, 0.0)), 0.0)
+    tl.store(kl_out_ptr + row, kl)
+    tl.store(m_out_ptr + row, sel.to(tl.int8))
+
+    if COMPUTE_CE:
+        y_ok = (y >= 0) & (y < V)
+        z_y = tl.load(z_row + y, mask=y_ok, other=0.0).to(tl.float32)
+        log_s_1 = tl.log(s_1)
+        tl.store(ce_out_ptr + row, m + log_s_1 - z_y)
+    else:
+        log_s_1 = 0.0
+        tl.store(ce_out_ptr + row, 0.0)
+
+    if COMPUTE_GRAD:
+        # ---- sweep 2: gradient of the complement formula everywhere ------------------------
+        # (q_j / T)(1 - p_tail / q_tail) = (q_j - p_tail * exp(log q_j - log q_tail)) / T;
+        # the ratio q_j / q_tail <= 1 is taken in log space so it never overflows.
+        # Exact derivative of the returned loss (muscle/losses.py conventions): with
+        # P = sum_S p + p_tail (as clamped / dropped), P q_j - p_j on S and
+        # q_j (P - p_tail / q_tail) off S, over T. P = 1 up to rounding of the stored log-probs
+        # (DESIGN §4's closed form); this form also sums to 0 over the row when it is not.
+        tail_coef = tl.where(use_tail, p_tail, 0.0)
+        big_p = tl.sum(p, 0) + tail_coef
+        lqt = tl.where(use_tail, log_q_tail, 0.0)
+        kl_wt = kl_w * inv_T
+        for start in range(0, V, BLOCK_V):
+            cols = start + offs
+            vmask = cols < V
+            x = tl.load(z_row + cols, mask=vmask, other=float("-inf")).to(tl.float32)
+            lq = (x - m) * inv_T - log_s_t
+            g = kl_wt * (big_p * tl.exp(lq) - tail_coef * tl.exp(lq - lqt))
+            if COMPUTE_CE:
+                g += ce_w * (tl.exp(x - m - log_s_1) - tl.where(cols == y, 1.0, 0.0))
+            tl.store(g_row + cols, g.to(g_row.dtype.element_ty), mask=vmask)
+        # The fix-up below rewrites entries that other threads of this program just wrote:
+        # order the two writes (and, in place, our reads of z above) with a CTA barrier.
+        tl.debug_barrier()
+        # ---- fix-up: entries in S get (P q_j - p_j) / T -------------------------------------
+        gs = kl_wt * (big_p * q - p)
+        if COMPUTE_CE:
+            gs += ce_w * (tl.exp(zs - m - log_s_1) - tl.where(ids == y, 1.0, 0.0))
+        tl.store(g_row + ids, gs.to(g_row.dtype.element_ty), mask=kmask)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _pick_blocks(V: int, K: int) -> tuple[int, int, int, int]:
+    """(BLOCK_V, BLOCK_K, BLOCK_C, num_warps). One fixed config: autotune with several configs
+    fails under the interpreter, and the kernel is memory-bound, so a large block suffices."""
+    block_k = max(2, _next_pow2(K))
+    env_bv = os.environ.get("MUSCLE_KL_BLOCK_V")
+    if _interpreting():
+        # The interpreter pays per loop iteration, not per element: few, large blocks.
+        block_v = min(_next_pow2(V), int(env_bv) if env_bv else 4096)
+        return block_v, block_k, block_v, 1
+    # Measured on an H200, bf16, N=16384 (BLOCK_V x warps, ms at V=32000 / 128256):
+    # 4096x8 2.35 / 6.69, 8192x8 2.14 / 5.85, 16384x8 2.06 / 5.56, 16384x16 2.39 / 5.75,
+    # 2048x4 2.78 / 9.52. Override with MUSCLE_KL_BLOCK_V / MUSCLE_KL_NUM_WARPS to re-tune.
+    block_v = min(_next_pow2(V), int(env_bv) if env_bv else 16384)
+    env_nw = os.environ.get("MUSCLE_KL_NUM_WARPS")
+    num_warps = int(env_nw) if env_nw else 8
+    # keep the (BLOCK_C, BLOCK_K) membership tile at ~8k elements: no register spills
+    block_c = max(16, min(_next_pow2(V), 8192 // block_k))
+    return block_v, block_k, block_c, num_warps
+
+
+def _resolve_mask(mask, labels, v1_ids, v1_logprobs) -> tuple[bool, torch.Tensor | None]:
+    """-> (mask_is_argmax, int8 (N,) mask or None)."""
+    N = labels.shape[0]
+    if isinstance(mask, torch.Tensor):
+        if mask.shape != (N,):
+            raise ValueError(f"mask tensor must have shape ({N},), got {tuple(mask.shape)}")
+        return False, mask.to(device=labels.device, dtype=torch.int8).contiguous()
+    if mask == "v2c_wrong":
+        return True, None
+    if mask == "v1_correct":
+        # torch.argmax returns the first maximal index: ties -> lowest k, as specified
+        k = v1_logprobs.argmax(dim=-1, keepdim=True)
+        top1 = v1_ids.gather(-1, k).squeeze(-1).to(labels.dtype)
+        return False, (top1 == labels).to(torch.int8).contiguous()
+    if mask == "always_v1":
+        return False, torch.ones(N, dtype=torch.int8, device=labels.device)
+    if mask == "always_v2":
+        return False, torch.zeros(N, dtype=torch.int8, device=labels.device)
+    raise ValueError(f"unknown mask {mask!r}; expected one of {_MASK_MODES} or a bool tensor")
+
+
+def masked_kl_forward(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    v1_ids: torch.Tensor,
+    v1_logprobs: torch.Tensor,
+    v2_ids: torch.Tensor,
+    v2_logprobs: torch.Tensor,
+    *,
+    temperature: float = 2.0,
+    mask="v2c_wrong",
+    ce_weight: float = 0.0,
+    ignore_index: int = -100,
+    t2_scale: bool = False,
+    inplace_backward: bool = True,
+    compute_grad: bool = True,
+    compute_ce: bool | None = None,
+):
+    """Launch the kernel. Returns (loss, grad or None, per-row dict).
+
+    loss: float32 scalar (no autograd). grad: (N, V) in z's dtype, already the full gradient of
+    loss (weights and 1/n_valid applied); it IS ``student_logits`` when ``inplace_backward``.
+    per-row dict: kl (N,) f32, ce (N,) f32, mask (N,) bool, valid (N,) bool, n_valid (0-dim).
+    """
+    z = student_logits
+    if z.dim() != 2:
+        raise ValueError(f"student_logits must be (N, V), got shape {tuple(z.shape)}")
+    if z.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"student_logits dtype {z.dtype} not supported (fp32/bf16/fp16)")
+    N, V = z.shape
+    if labels.shape != (N,):
+        raise ValueError(f"labels must be ({N},), got {tuple(labels.shape)}")
+    for name, ids, lp in (("v1", v1_ids, v1_logprobs), ("v2", v2_ids, v2_logprobs)):
+        if ids.dim() != 2 or ids.shape[0] != N or lp.shape != ids.shape:
+            raise ValueError(
+                f"{name}_ids / {name}_logprobs must both be (N={N}, K), got "
+                f"{tuple(ids.shape)} / {tuple(lp.shape)}"
+            )
+        if ids.shape[1] < 1 or ids.shape[1] > V:
+            raise ValueError(f"{name} K={ids.shape[1]} must be in [1, V={V}]")
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise TypeError(f"{name}_ids must be an integer tensor, got {ids.dtype}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0.0 <= ce_weight <= 1.0:
+        raise ValueError(f"ce_weight must be in [0, 1], got {ce_weight}")
+    dev = z.device
+    if dev.type == "cpu" and not _interpreting():
+        raise RuntimeError("masked_kl_triton on CPU tensors needs TRITON_INTERPRET=1")
+    for t in (labels, v1_ids, v1_logprobs, v2_ids, v2_logprobs):
+        if t.device != dev:
+            raise ValueError(f"all inputs must be on {dev}, got a tensor on {t.device}")
+
+    if z.stride(-1) != 1:
+        z = z.contiguous()  # then "in place" writes into this copy, not the caller's tensor
+    labels = labels.to(torch.int64).contiguous()
+    # (N, K) tensors are small next to (N, V): normalise dtypes here, keep the kernel simple.
+    ids1 = v1_ids.to(torch.int32).contiguous()
+    lp1 = v1_logprobs.detach().to(torch.float32).contiguous()
+    ids2 = v2_ids.to(torch.int32).contiguous()
+    lp2 = v2_logprobs.detach().to(torch.float32).contiguous()
+    mask_argmax, mask_t = _resolve_mask(mask, labels, v1_ids, v1_logprobs)
+    if mask_t is None:
+        mask_t = torch.zeros(1, dtype=torch.int8, device=dev)  # placeholder pointer
+
+    if compute_ce is None:
+        compute_ce = ce_weight > 0
+    compute_ce = bool(compute_ce or ce_weight > 0)
+    valid = labels != ignore_index
+    n_valid = valid.sum()
+    # One host sync: the per-element gradient weight needs 1/n_valid (Liger's CE does the same).
+    denom = max(int(n_valid.item()), 1)
+    t2 = temperature * temperature if t2_scale else 1.0
+    kl_coef = (1.0 - ce_weight) * t2 / denom
+    ce_coef = ce_weight / denom
+
+    if compute_grad:
+        grad = z if inplace_backward else torch.empty_like(z)
+    else:
+        grad = z  # never written: COMPUTE_GRAD is a constexpr False
+    kl_rows = torch.empty(N, dtype=torch.float32, device=dev)
+    ce_rows = torch.empty(N, dtype=torch.float32, device=dev)
+    m_rows = torch.empty(N, dtype=torch.int8, device=dev)
+
+    block_v, block_k, block_c, num_warps = _pick_blocks(V, max(ids1.shape[1], ids2.shape[1]))
+    if N > 0:
+        _masked_kl_fwd_kernel[(N,)](
+            z,
+            z.stride(0),
+            grad,
+            grad.stride(0),
+            labels,
+            mask_t,
+            ids1,
+            lp1,
+            ids1.stride(0),
+            ids1.shape[1],
+            ids2,
+            lp2,
+            ids2.stride(0),
+            ids2.shape[1],
+            kl_rows,
+            ce_rows,
+            m_rows,
+            V,
+            ignore_index,
+            1.0 / temperature,
+            kl_coef,
+            ce_coef,
+            _TAIL_EXACT_BELOW,
+            MASK_ARGMAX=mask_argmax,
+            COMPUTE_CE=compute_ce,
+            COMPUTE_GRAD=compute_grad,
+            BLOCK_V=block_v,
+            BLOCK_K=block_k,
+            BLOCK_C=block_c,
+            num_warps=num_warps,
+        )
+    loss = kl_coef * kl_rows.sum()
+    if ce_weight > 0:
+        loss = loss + ce_coef * ce_rows.sum()
+    rows = {
+        "kl": kl_rows,
+        "ce": ce_rows,
+        "mask": (m_rows != 0) & valid,
+        "valid": valid,
+        "n_valid": n_valid,
+    }
+    return loss, (grad if compute_grad else None), rows
+
+
+class MaskedKLFunction(torch.autograd.Function):
+    """Forward runs the fused kernel and keeps its gradient buffer; backward scales it."""
+
+    @staticmethod
+    def forward(ctx, student_logits, labels, v1_ids, v1_lp, v2_ids, v2_lp, mask, opts):
+        loss, grad, rows = masked_kl_forward(
+            student_logits, labels, v1_ids, v1_lp, v2_ids, v2_lp, mask=mask, **opts
+        )
+        # In place, grad aliases the (now overwritten) input: detach so autograd does not
+        # track it as a view of a leaf it must version-check.
+        ctx.save_for_backward(grad.detach())
+        kl, ce, m = rows["kl"], rows["ce"], rows["mask"]
+        ctx.mark_non_differentiable(kl, ce, m)
+        return loss, kl, ce, m
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output, *_unused):
+        (grad,) = ctx.saved_tensors
+        # The common case (loss.backward()) needs no extra pass over (N, V). The check costs
+        # one host sync; scaling in place avoids a second (N, V) buffer (as Liger does).
+        if grad_output is not None and not torch.equal(
+            grad_output, torch.ones((), dtype=grad_output.dtype, device=grad_output.device)
+        ):
+            grad.mul_(grad_output.to(grad.dtype))
+        return grad, None, None, None, None, None, None, None
+
+
+def _run(student_logits, labels, v1_ids, v1_lp, v2_ids, v2_lp, *, mask, compute_ce, **opts):
+    needs_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    if needs_grad:
+        opts["compute_ce"] = compute_ce
+        loss, kl, ce, m = MaskedKLFunction.apply(
+            student_logits, labels, v1_ids, v1_lp, v2_ids, v2_lp, mask, opts
+        )
+        valid = labels != opts.get("ignore_index", -100)
+        rows = {"kl": kl, "ce": ce, "mask": m, "valid": valid, "n_valid": valid.sum()}
+        return loss, rows
+    # No gradient wanted: never touch the caller's logits.
+    loss, _, rows = masked_kl_forward(
+        student_logits.detach(),
+        labels,
+        v1_ids,
+        v1_lp,
+        v2_ids,
+        v2_lp,
+        mask=mask,
+        compute_grad=False,
+        compute_ce=compute_ce,
+        **opts,
+    )
+    return loss, rows
+
+
+def masked_kl_triton(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    v1_ids: torch.Tensor,
+    v1_logprobs: torch.Tensor,
+    v2_ids: torch.Tensor,
+    v2_logprobs: torch.Tensor,
+    *,
+    temperature: float = 2.0,
+    mask="v2c_wrong",
+    ce_weight: float = 0.0,
+    ignore_index: int = -100,
+    t2_scale: bool = False,
+    inplace_backward: bool = True,
+) -> torch.Tensor:
+    """MUSCLE loss: (1-w) mean_i[m_i KL_S(p1||q) + (1-m_i) KL_S(p2||q)] (x T^2) + w mean_i CE_i.
+
+    student_logits (N, V) fp32/bf16/fp16; labels (N,) int; v*_ids (N, K*) int (unique per row);
+    v*_logprobs (N, K*) teacher log-probs at temperature T over the full vocabulary. mask:
+    "v2c_wrong" | "v1_correct" | "always_v1" | "always_v2" | bool tensor (N,) (True = v1).
+    Returns a float32 scalar, differentiable w.r.t. student_logits. With
+    ``inplace_backward=True`` (default) and a gradient wanted, the logits buffer is overwritten
+    by the gradient during the forward: do not read ``student_logits`` afterwards.
+    """
+    loss, _ = _run(
+        student_logits,
+        labels,
+        v1_ids,
+        v1_logprobs,
+        v2_ids,
+        v2_logprobs,
+        mask=mask,
+        compute_ce=None,
+        temperature=temperature,
+        ce_weight=ce_weight,
+        ignore_index=ignore_index,
+        t2_scale=t2_scale,
+        inplace_backward=inplace_backward,
+    )
+    return loss
+
+
+def masked_kl_triton_with_stats(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    v1_ids: torch.Tensor,
+    v1_logprobs: torch.Tensor,
+    v2_ids: torch.Tensor,
+    v2_logprobs: torch.Tensor,
+    **kwargs,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(loss, stats): stats are detached 0-dim tensors over non-ignored rows: kl (mean KL_S of
+    the selected teacher, times T^2 if t2_scale, i.e. as it enters the loss), ce (mean CE at T=1; computed even when ce_weight=0, one extra
+    exp per element), frac_v1 (fraction of rows aligned to v1), n_tokens (count, int64)."""
+    loss, rows = _run(
+        student_logits,
+        labels,
+        v1_ids,
+        v1_logprobs,
+        v2_ids,
+        v2_logprobs,
+        mask=kwargs.pop("mask", "v2c_wrong"),
+        compute_ce=True,
+        **kwargs,
+    )
+    n = rows["n_valid"]
+    denom = n.clamp(min=1).to(torch.float32)
+    temperature = kwargs.get("temperature", 2.0)
+    t2 = temperature * temperature if kwargs.get("t2_scale", False) else 1.0
+    stats = {
+        # as it enters the loss: loss == (1 - ce_weight) * kl + ce_weight * ce
+        "kl": (rows["kl"].sum() * t2 / denom).detach(),
+        "ce": (rows["ce"].sum() / denom).detach(),
+        "frac_v1": (rows["mask"].sum().to(torch.float32) / denom).detach(),
+        "n_tokens": n.detach(),
+    }
+    return loss, stats
