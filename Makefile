@@ -8,7 +8,7 @@ PIP     := $(VENV)/bin/pip
 PYTHON  := $(VENV)/bin/python
 # torch is pinned to the CPU build first: an unpinned torch pulls a multi-GB CUDA wheel.
 TORCH   ?= torch==2.13.0
-EXTRAS  ?= dev,gguf
+EXTRAS  ?= dev,gguf,evalharness
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 
 .PHONY: env test test-fast lint demo bench clean
