@@ -1,0 +1,562 @@
+"""The MUSCLE compatibility loss (paper Eq. 1-2) against top-K teachers.
+
+Per token i with label y_i, student logits z_i (the adapter being trained, on v2) and two
+teachers stored as top-K ids S and log-probs at temperature T over the full vocabulary:
+
+    q    = softmax(z / T)
+    KL_S(p || q) = sum_{j in S} p_j (log p_j - log q_j) + p_tail (log p_tail - log q_tail)
+    L    = mean_i  m_i KL_S(p1_i || q_i) + (1 - m_i) KL_S(p2_i || q_i)
+
+with p_tail = clamp(1 - sum_S p, 0, 1) and q_tail = sum_{j not in S} q_j (DESIGN.md §4).
+
+Numerical conventions (normative for every implementation, the Triton kernel included):
+
+- log q_tail is the log-sum-exp of z/T over the complement of S minus the full log-sum-exp,
+  i.e. it keeps full relative precision however small q_tail is; it is NOT log1p(-sum q_S),
+  which loses everything once q_tail drops below ~1e-7 in float32.
+- 0 log 0 = 0: a teacher entry with p_j = 0 (log-prob -inf) and a tail with p_tail = 0
+  contribute nothing, whatever q is.
+- If S covers the whole vocabulary (K = V, or ids otherwise exhausting it), the complement is
+  empty: the tail term is dropped (p_tail is rounding noise there) and nothing is NaN/inf.
+- The gradient is the exact derivative of the returned loss: with P = sum_S p + p_tail (as
+  clamped/dropped above), dKL/dz_j = (P q_j - p_j)/T on S and (q_j/T)(P - p_tail/q_tail) off
+  S. P = 1 up to rounding of the stored log-probs, where this is DESIGN.md's closed form;
+  when stored log-probs sum past 1 (e.g. float16 cache, p_tail clamped to 0) or K = V the
+  two differ by O(|1 - P|), and only this one sums to 0 over the row.
+- Teacher inputs are constants: no gradient flows to the teachers' log-probs in any impl.
+- The ids of one row must be distinct (checked; ``muscle.topk.teacher_topk`` guarantees it).
+- The mask selects, it is not differentiated.
+- ``t2_scale`` multiplies the KL part (L_comp) by T^2; the CE part is never scaled.
+- ``stats.kl`` is L_comp as it enters the loss (T^2 included when asked), so
+  ``loss == (1 - ce_weight) * stats.kl + ce_weight * stats.ce``.
+
+Implementations: ``"torch"`` is a short autograd reference; ``"chunked"`` walks the rows in
+chunks, computes the loss and the closed-form gradient in one sweep, and stores the gradient
+(N, V) in the logits' dtype so that backward is a scale by grad_output; ``"triton"`` is the
+fused kernel of ``muscle.kernels``; ``"auto"`` picks triton on CUDA when available.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+MASK_MODES = ("v2c_wrong", "v1_correct", "always_v1", "always_v2")
+IMPLS = ("auto", "torch", "chunked", "triton")
+
+# The chunked path falls back to an exact per-row complement log-sum-exp when the shifted tail
+# sum is below this: there the float sum is denormal-polluted, and p_tail / s_tail could
+# overflow. Rows that get here have a student all but certain that the answer is in S.
+_TAIL_FLOOR = {torch.float32: 1e-30, torch.float64: 1e-290}
+_CHUNK_BYTES = 32 * 2**20
+
+
+@dataclass(frozen=True)
+class LossStats:
+    """Diagnostics from the same sweep as the loss; all detached 0-d tensors."""
+
+    kl: Tensor  # L_comp as it enters the loss (mean over non-ignored tokens)
+    ce: Tensor  # student cross entropy at T=1, mean over non-ignored tokens
+    frac_v1: Tensor  # fraction of non-ignored tokens aligned toward v1 (m = 1)
+    n_tokens: Tensor  # number of non-ignored tokens (int64)
+
+    def as_dict(self) -> dict[str, float]:
+        """Plain Python numbers, for a logger."""
+        return {
+            "kl": float(self.kl),
+            "ce": float(self.ce),
+            "frac_v1": float(self.frac_v1),
+            "n_tokens": int(self.n_tokens),
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# public API
+
+
+def masked_kl(
+    student_logits: Tensor,
+    labels: Tensor,
+    v1_ids: Tensor,
+    v1_logprobs: Tensor,
+    v2_ids: Tensor,
+    v2_logprobs: Tensor,
+    *,
+    temperature: float = 2.0,
+    mask: str | Tensor = "v2c_wrong",
+    ce_weight: float = 0.0,
+    ignore_index: int = -100,
+    impl: str = "auto",
+    t2_scale: bool = False,
+    chunk_rows: int | None = None,
+) -> Tensor:
+    """MUSCLE loss (1 - ce_weight) L_comp + ce_weight CE, a scalar; see the module docstring.
+
+    student_logits (N, V) float; labels (N,) int64 (ignore_index rows contribute nothing);
+    v*_ids (N, K*) int of any width; v*_logprobs (N, K*) float, log-probs at ``temperature``
+    over the full vocabulary. ``mask``: one of MASK_MODES or a bool (N,) tensor, True = toward v1.
+    """
+    loss, _ = masked_kl_with_stats(
+        student_logits,
+        labels,
+        v1_ids,
+        v1_logprobs,
+        v2_ids,
+        v2_logprobs,
+        temperature=temperature,
+        mask=mask,
+        ce_weight=ce_weight,
+        ignore_index=ignore_index,
+        impl=impl,
+        t2_scale=t2_scale,
+        chunk_rows=chunk_rows,
+    )
+    return loss
+
+
+def masked_kl_with_stats(
+    student_logits: Tensor,
+    labels: Tensor,
+    v1_ids: Tensor,
+    v1_logprobs: Tensor,
+    v2_ids: Tensor,
+    v2_logprobs: Tensor,
+    *,
+    temperature: float = 2.0,
+    mask: str | Tensor = "v2c_wrong",
+    ce_weight: float = 0.0,
+    ignore_index: int = -100,
+    impl: str = "auto",
+    t2_scale: bool = False,
+    chunk_rows: int | None = None,
+) -> tuple[Tensor, LossStats]:
+    """Like :func:`masked_kl`, also returning :class:`LossStats` computed in the same sweep."""
+    _validate(
+        student_logits, labels, v1_ids, v1_logprobs, v2_ids, v2_logprobs,
+        temperature, mask, ce_weight, impl, chunk_rows,
+    )  # fmt: skip
+    impl = _resolve_impl(impl, student_logits)
+    if impl == "triton":
+        return _call_triton(
+            student_logits, labels, v1_ids, v1_logprobs, v2_ids, v2_logprobs,
+            temperature=temperature, mask=mask, ce_weight=ce_weight,
+            ignore_index=ignore_index, t2_scale=t2_scale,
+        )  # fmt: skip
+    v1_ids, v2_ids = v1_ids.long(), v2_ids.long()
+    # Teachers are constants (module docstring): detach so that no impl differentiates them.
+    v1_logprobs, v2_logprobs = v1_logprobs.detach(), v2_logprobs.detach()
+    valid = labels != ignore_index  # (N,)
+    fixed_mask = _fixed_mask(mask, labels, v1_ids, v1_logprobs)  # (N,) bool or None
+    if impl == "torch":
+        return _masked_kl_torch(
+            student_logits, labels, valid, v1_ids, v1_logprobs, v2_ids, v2_logprobs,
+            fixed_mask, temperature, ce_weight, t2_scale,
+        )  # fmt: skip
+    if chunk_rows is None:
+        chunk_rows = default_chunk_rows(student_logits.shape[1], student_logits.dtype)
+    # Decided here: inside Function.forward grad mode is always off. Under no_grad (eval) the
+    # gradient sweep and its (N, V) buffer are skipped.
+    want_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    outs = _ChunkedMaskedKL.apply(
+        student_logits, labels, valid, v1_ids, v1_logprobs, v2_ids, v2_logprobs,
+        fixed_mask, float(temperature), float(ce_weight), bool(t2_scale), int(chunk_rows),
+        want_grad,
+    )  # fmt: skip
+    loss, kl, ce, frac, n = outs
+    return loss, LossStats(kl=kl, ce=ce, frac_v1=frac, n_tokens=n)
+
+
+def default_chunk_rows(vocab: int, dtype: torch.dtype) -> int:
+    """Rows per chunk so that the chunk's two (C, V) compute buffers take ~32 MiB together."""
+    itemsize = 8 if dtype == torch.float64 else 4
+    return max(1, _CHUNK_BYTES // (2 * itemsize * vocab))
+
+
+def token_likelihood_mask(v1_label_logprob: Tensor, v2_label_logprob: Tensor) -> Tensor:
+    """Paper Sec. 6.5 LL_L: toward v1 (True) where p2(y_i) < p1(y_i). (N,) -> (N,) bool.
+
+    NaN entries (ignored tokens, as cached) compare False, i.e. toward v2.
+    """
+    if v1_label_logprob.shape != v2_label_logprob.shape or v1_label_logprob.dim() != 1:
+        raise ValueError(
+            f"label log-probs must be two (N,) tensors, got {tuple(v1_label_logprob.shape)} "
+            f"and {tuple(v2_label_logprob.shape)}"
+        )
+    return v2_label_logprob < v1_label_logprob
+
+
+def sequence_likelihood_mask(
+    v1_label_logprob: Tensor,
+    v2_label_logprob: Tensor,
+    example_index: Tensor,
+    valid: Tensor,
+) -> Tensor:
+    """Paper Sec. 6.5 LL_S: instance-wise mask, the same for all tokens of one example.
+
+    The paper writes 1[sum_i [sigma(z_v2,i) < sigma(z_v1,i)]] and describes it as comparing
+    "the likelihood of the entire sequence". We read it as the sequence likelihood comparison:
+    an example goes toward v1 iff sum_i log p2(y_i) < sum_i log p1(y_i) over its valid tokens
+    (v2 assigns the target a lower likelihood than v1). Invalid tokens are False.
+
+    All arguments are (N,): label log-probs (float), example id per token (int, any values),
+    valid (bool). Sums are taken in float64 so long examples do not lose the comparison.
+    """
+    n = v1_label_logprob.shape[0]
+    for name, t in (("v2_label_logprob", v2_label_logprob), ("example_index", example_index),
+                    ("valid", valid)):  # fmt: skip
+        if t.shape != (n,):
+            raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
+    valid = valid.bool()
+    _, inverse = torch.unique(example_index, return_inverse=True)  # (N,) in [0, n_examples)
+    n_ex = int(inverse.max()) + 1 if n else 0
+    diff = (v1_label_logprob.double() - v2_label_logprob.double()).masked_fill(~valid, 0.0)
+    per_ex = torch.zeros(n_ex, dtype=torch.float64, device=diff.device)
+    per_ex.index_add_(0, inverse, diff)  # (E,) sum log p1 - sum log p2
+    return (per_ex[inverse] > 0) & valid
+
+
+# ----------------------------------------------------------------------------------------------
+# validation and dispatch
+
+
+def _validate(z, labels, ids1, lp1, ids2, lp2, T, mask, ce_weight, impl, chunk_rows) -> None:
+    if not isinstance(z, Tensor) or z.dim() != 2 or not z.is_floating_point():
+        raise ValueError("student_logits must be a float tensor of shape (N, V)")
+    n, v = z.shape
+    if labels.shape != (n,) or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an int tensor of shape ({n},), got {tuple(labels.shape)}")
+    for name, ids, lp in (("v1", ids1, lp1), ("v2", ids2, lp2)):
+        if ids.dim() != 2 or ids.shape[0] != n:
+            raise ValueError(f"{name}_ids must have shape ({n}, K), got {tuple(ids.shape)}")
+        if ids.is_floating_point() or ids.dtype == torch.bool or ids.is_complex():
+            raise ValueError(f"{name}_ids must be an integer tensor, got {ids.dtype}")
+        if ids.shape[1] < 1:
+            raise ValueError(f"{name}_ids must have K >= 1 columns")
+        if lp.shape != ids.shape:
+            raise ValueError(
+                f"{name}_logprobs shape {tuple(lp.shape)} != {name}_ids shape {tuple(ids.shape)}"
+            )
+        if not lp.is_floating_point():
+            raise ValueError(f"{name}_logprobs must be floating point, got {lp.dtype}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= v):
+            raise ValueError(f"{name}_ids out of range [0, {v})")
+        srt = ids.sort(dim=1).values  # (N, K): cheap next to the (N, V) work
+        if bool((srt[:, 1:] == srt[:, :-1]).any()):
+            raise ValueError(f"{name}_ids must be distinct within each row")
+    if not (isinstance(T, (int, float)) and math.isfinite(T) and T > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {T!r}")
+    if not (isinstance(ce_weight, (int, float)) and 0.0 <= ce_weight <= 1.0):
+        raise ValueError(f"ce_weight must be in [0, 1], got {ce_weight!r}")
+    if isinstance(mask, str):
+        if mask not in MASK_MODES:
+            raise ValueError(f"unknown mask {mask!r}; allowed: {', '.join(MASK_MODES)} "
+                             "or a bool tensor of shape (N,)")  # fmt: skip
+    elif isinstance(mask, Tensor):
+        if mask.dtype != torch.bool or mask.shape != (n,):
+            raise ValueError(f"a mask tensor must be bool of shape ({n},), "
+                             f"got {mask.dtype} {tuple(mask.shape)}")  # fmt: skip
+    else:
+        raise ValueError(f"mask must be one of {MASK_MODES} or a bool tensor, got {type(mask)}")
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; allowed: {', '.join(IMPLS)}")
+    if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
+        raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
+
+
+def _resolve_impl(impl: str, z: Tensor) -> str:
+    if impl != "auto":
+        return impl
+    if z.is_cuda and z.dtype != torch.float64 and _triton_available():
+        return "triton"
+    return "chunked"
+
+
+def _triton_available() -> bool:
+    try:
+        from muscle.kernels import triton_available
+    except Exception:
+        return False
+    return bool(triton_available())
+
+
+def _call_triton(z, labels, ids1, lp1, ids2, lp2, **kw) -> tuple[Tensor, LossStats]:
+    if not _triton_available():
+        raise RuntimeError(
+            "impl='triton' needs triton and a CUDA device (or TRITON_INTERPRET=1); "
+            "use impl='chunked' on CPU"
+        )
+    from muscle.kernels import masked_kl_triton_with_stats
+
+    loss, st = masked_kl_triton_with_stats(z, labels, ids1, lp1, ids2, lp2, **kw)
+    if isinstance(st, LossStats):
+        return loss, st
+    get = st.get if isinstance(st, dict) else lambda k: getattr(st, k)
+    stats = LossStats(
+        **{k: torch.as_tensor(get(k)).detach() for k in ("kl", "ce", "frac_v1", "n_tokens")}
+    )
+    return loss, stats
+
+
+def _fixed_mask(mask: str | Tensor, labels: Tensor, v1_ids: Tensor, v1_lp: Tensor) -> Tensor | None:
+    """The (N,) bool mask when it does not depend on the student; None for "v2c_wrong"."""
+    n = labels.shape[0]
+    if isinstance(mask, Tensor):
+        return mask.to(labels.device)
+    if mask == "v2c_wrong":
+        return None
+    if mask == "always_v1":
+        return torch.ones(n, dtype=torch.bool, device=labels.device)
+    if mask == "always_v2":
+        return torch.zeros(n, dtype=torch.bool, device=labels.device)
+    # "v1_correct": v1's top-1 (by log-prob; ties -> lowest k, as torch.argmax) equals the label
+    top1 = v1_ids.gather(1, v1_lp.argmax(dim=1, keepdim=True)).squeeze(1)  # (N,)
+    return top1 == labels
+
+
+# ----------------------------------------------------------------------------------------------
+# impl="torch": the autograd reference
+
+
+def _kl_topk_torch(logq: Tensor, ids: Tensor, lp: Tensor) -> Tensor:
+    """KL_S(p || q) per row. logq (N, V) log-softmax of z/T; ids, lp (N, K). -> (N,)"""
+    lp = lp.to(logq.dtype)
+    lq_s = logq.gather(1, ids)  # (N, K)
+    p_s = lp.exp()  # (N, K)
+    p_tail = (1.0 - p_s.sum(1)).clamp(0.0, 1.0)  # (N,)
+    in_s = torch.zeros_like(logq, dtype=torch.bool).scatter_(1, ids, True)  # (N, V)
+    empty = in_s.all(1)  # (N,) complement is empty (K covers V)
+    # Empty rows get finite dummies so logsumexp's backward does not produce NaN there.
+    rest = logq.masked_fill(in_s, -math.inf).masked_fill(empty[:, None], 0.0)  # (N, V)
+    lq_tail = torch.logsumexp(rest, dim=1)  # (N,)
+    head = torch.where(p_s > 0, p_s * (lp - lq_s), 0.0).sum(1)
+    use_tail = (p_tail > 0) & ~empty
+    log_p_tail = p_tail.clamp_min(torch.finfo(logq.dtype).tiny).log()
+    tail = torch.where(use_tail, p_tail * (log_p_tail - lq_tail), 0.0)
+    return head + tail
+
+
+def _masked_kl_torch(z, labels, valid, ids1, lp1, ids2, lp2, fixed_mask, T, c, t2):
+    cd = torch.float64 if z.dtype == torch.float64 else torch.float32
+    zf = z.to(cd)  # (N, V)
+    logq = torch.log_softmax(zf / T, dim=1)  # (N, V)
+    kl1 = _kl_topk_torch(logq, ids1, lp1)  # (N,)
+    kl2 = _kl_topk_torch(logq, ids2, lp2)  # (N,)
+    m = (z.argmax(1) != labels) if fixed_mask is None else fixed_mask  # (N,)
+    kl = torch.where(m, kl1, kl2)  # (N,)
+    safe_y = labels.masked_fill(~valid, 0).long()
+    ce = torch.logsumexp(zf, 1) - zf.gather(1, safe_y[:, None]).squeeze(1)  # (N,)
+    n = valid.sum()
+    denom = n.clamp_min(1).to(cd)
+    kl_mean = torch.where(valid, kl, 0.0).sum() / denom * (T * T if t2 else 1.0)
+    ce_mean = torch.where(valid, ce, 0.0).sum() / denom
+    loss = (1.0 - c) * kl_mean + c * ce_mean
+    frac = (m & valid).sum().to(cd) / denom
+    stats = LossStats(kl=kl_mean.detach(), ce=ce_mean.detach(), frac_v1=frac, n_tokens=n)
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------------------------
+# impl="chunked": one sweep computing loss and closed-form gradient, chunk by chunk
+
+
+def _pad_cols(ids: Tensor, lp: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Pad (C, k0) to (C, k) by repeating column 0; returns ids, lp, real-column flag (C, k).
+
+    Repeating a real column keeps scatters consistent (a padded slot writes exactly what the
+    real one writes); the flag keeps it out of every sum.
+    """
+    c, k0 = ids.shape
+    real = torch.ones(c, k, dtype=torch.bool, device=ids.device)
+    if k0 == k:
+        return ids, lp, real
+    real[:, k0:] = False
+    ids = torch.cat([ids, ids[:, :1].expand(c, k - k0)], dim=1)
+    lp = torch.cat([lp, lp[:, :1].expand(c, k - k0)], dim=1)
+    return ids, lp, real
+
+
+def _select_teacher(m, ids1, lp1, ids2, lp2, cd):
+    """Per row, the teacher the mask picks: ids (C, K), lp (C, K) in cd, real (C, K)."""
+    k = max(ids1.shape[1], ids2.shape[1])
+    ids1, lp1, r1 = _pad_cols(ids1, lp1.to(cd), k)
+    ids2, lp2, r2 = _pad_cols(ids2, lp2.to(cd), k)
+    m2 = m[:, None]
+    return torch.where(m2, ids1, ids2), torch.where(m2, lp1, lp2), torch.where(m2, r1, r2)
+
+
+def _exact_tail_lse(zc: Tensor, ids: Tensor, T: float, cd: torch.dtype) -> Tensor:
+    """log-sum-exp of z/T over the complement of S, for a few rows. (F, V), (F, K) -> (F,)"""
+    x = zc.to(cd) / T  # (F, V)
+    x.scatter_(1, ids, -math.inf)
+    return torch.logsumexp(x, dim=1)  # -inf iff the complement is empty
+
+
+def _chunk(zc, yc, wc, m, ids1, lp1, ids2, lp2, T, c, t2f, a_buf, b_buf, out):
+    """Loss terms of one chunk; writes the chunk's gradient into ``out`` unless it is None.
+
+    zc (C, V) student logits in their dtype; yc (C,) labels, 0 where ignored; wc (C,) per-row
+    weight 1/n (0 where ignored); m (C,) bool toward-v1, or None for "v2c_wrong"; out (C, V)
+    in the logits' dtype or None. a_buf, b_buf: (>= C, V) compute-dtype scratch (may alias).
+    Returns kl (C,), ce (C,), m (C,).
+
+    Full (C, V) passes, c = 0: copy in, max, scale+shift, exp, [CE dot], tail sum, gradient
+    write. The complement sum zeroes S in place instead of masking a copy.
+    """
+    cd = a_buf.dtype
+    rows = zc.shape[0]
+    a, b = a_buf[:rows], b_buf[:rows]  # (C, V) scratch
+    need_grad = out is not None
+    a.copy_(zc)  # exact upcast of z
+    # max(dim) returns the first maximal index, like torch.argmax: on the exact upcast this is
+    # argmax_j z_j with ties -> lowest id (z/T could round two float32 logits together).
+    zmax, amax = a.max(dim=1, keepdim=True)  # (C, 1)
+    if m is None:
+        m = amax.squeeze(1) != yc
+    ids, lp, real = _select_teacher(m, ids1, lp1, ids2, lp2, cd)  # (C, K)
+
+    # e = exp((z - max z)/T) in place, fused as z * (1/T) + (-max/T); q = e / s.
+    xmax = zmax / T  # (C, 1) max of z/T
+    if T == 1.0:
+        a.sub_(zmax)
+    else:
+        torch.add(-xmax, a, alpha=1.0 / T, out=a)
+    a.exp_()
+
+    # CE at T=1 uses e^T = exp(z - max z): no second copy of the logits. When its softmax
+    # enters the gradient (c > 0, T != 1) it needs its own buffer, as a is overwritten.
+    e1 = None
+    if T == 1.0:
+        s1 = None  # = s, known below
+    elif c > 0 and need_grad:
+        e1 = torch.mul(a, a, out=b) if T == 2.0 else torch.pow(a, T, out=b)
+        s1 = e1.sum(1)
+    elif T == 2.0:
+        s1 = torch.bmm(a.unsqueeze(1), a.unsqueeze(2)).view(rows)  # sum e^2, no temporary
+    else:
+        s1 = torch.pow(a, T, out=b).sum(1)
+
+    # Teacher side on (C, K); then the complement sum: zero S in place and sum. The full sum is
+    # s_tail + sum_S e (two sums of positives, no cancellation; ids are distinct per row).
+    e_s = a.gather(1, ids)  # (C, K)
+    e1_s = e1.gather(1, ids) if e1 is not None else None
+    a.scatter_(1, ids, 0.0)
+    s_tail = a.sum(1)  # (C,)
+    s = s_tail + (e_s * real).sum(1)  # (C,)
+    log_s = s.log()
+    lse = xmax.squeeze(1) + log_s  # (C,) log-sum-exp of z/T
+    if s1 is None:
+        s1 = s
+    z_y = zc.gather(1, yc[:, None]).squeeze(1).to(cd)  # (C,)
+    ce = zmax.squeeze(1) + s1.log() - z_y  # (C,)
+
+    lq_s = zc.gather(1, ids).to(cd) / T - lse[:, None]  # (C, K) log q_S
+    p_raw = lp.exp()  # (C, K) padded slots repeat column 0
+    p_s = p_raw * real
+    p_tail = (1.0 - p_s.sum(1)).clamp(0.0, 1.0)  # (C,)
+    log_q_tail = s_tail.log() - log_s  # (C,)
+    fb = s_tail < _TAIL_FLOOR[cd]  # (C,) underflowed tail or empty complement: exact path
+    fb_rows = fb.nonzero().squeeze(1)
+    lse_tail_fb = None
+    if fb_rows.numel():
+        lse_tail_fb = _exact_tail_lse(zc[fb_rows], ids[fb_rows], T, cd)  # (F,)
+        log_q_tail[fb_rows] = lse_tail_fb - lse[fb_rows]
+        p_tail[fb_rows] = torch.where(torch.isinf(lse_tail_fb), 0.0, p_tail[fb_rows])
+    head = torch.where(p_s > 0, p_s * (lp - lq_s), 0.0).sum(1)
+    log_p_tail = p_tail.clamp_min(torch.finfo(cd).tiny).log()
+    tail = torch.where(p_tail > 0, p_tail * (log_p_tail - log_q_tail), 0.0)
+    kl = head + tail  # (C,)
+    if not need_grad:
+        return kl, ce, m
+
+    # Gradient, closed form, times the row weight:
+    #   KL: (P q_j - p_j)/T on S; (q_j/T)(P - p_tail/q_tail) off S, q_j/q_tail = e_j/s_tail,
+    #       with P = sum_S p + p_tail as used above. P = 1 unless the teacher's stored
+    #       log-probs sum past 1 (clamped tail) or the complement is empty; keeping P makes
+    #       this the exact derivative of the returned loss (rows sum to 0).
+    #   CE: softmax(z)_j - 1[j = y] = e1_j / s1 - 1[j = y].
+    ka = wc * ((1.0 - c) * t2f / T)  # (C,)
+    kb = wc * c  # (C,)
+    big_p = p_s.sum(1) + p_tail  # (C,)
+    ratio = torch.where(fb, 0.0, p_tail / torch.where(fb, 1.0, s_tail))  # p_tail / s_tail
+    coef = ka * (big_p / s - ratio)  # (C,) off-S gradient is coef * e
+    if c > 0 and T == 1.0:
+        coef = coef + kb / s1  # the CE softmax is e / s too
+    g_s = ka[:, None] * (e_s * (big_p / s)[:, None] - p_raw)  # (C, K) on-S gradient
+    if c > 0:
+        g_s = g_s + (kb / s1)[:, None] * (e_s if T == 1.0 else e1_s)
+    # c = 0 in the compute dtype writes straight into out. An out= of another dtype would
+    # make torch allocate a compute-dtype temporary and copy: scale in place, copy once.
+    dst = out if (c == 0 and out.dtype == cd) else a
+    torch.mul(a, coef[:, None], out=dst)  # S entries of a are 0
+    if fb_rows.numel():
+        # Here every off-S e_j is ~0, so q_j ~ 0 and -p_tail q_j/q_tail dominates, with
+        # q_j/q_tail = exp(z_j/T - lse_tail); empty complements have p_tail = 0.
+        x = zc[fb_rows].to(cd) / T  # (F, V)
+        x.scatter_(1, ids[fb_rows], -math.inf)
+        x.sub_(lse_tail_fb.clamp_min(torch.finfo(cd).min)[:, None]).exp_()
+        fix = a[fb_rows] * coef[fb_rows, None] - (ka[fb_rows] * p_tail[fb_rows])[:, None] * x
+        dst[fb_rows] = fix.to(dst.dtype)
+    if c > 0:
+        if e1 is not None:
+            a.add_(e1.mul_((kb / s1)[:, None]))  # CE softmax off S; S entries reset below
+        a.scatter_(1, ids, g_s)
+        a.scatter_add_(1, yc[:, None], -kb[:, None])
+        out.copy_(a)
+    elif dst is a:
+        a.scatter_(1, ids, g_s)
+        out.copy_(a)
+    else:
+        out.scatter_(1, ids, g_s)
+    return kl, ce, m
+
+
+class _ChunkedMaskedKL(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, z, labels, valid, ids1, lp1, ids2, lp2, fixed_mask, T, c, t2, chunk_rows, need_grad
+    ):
+        n_rows, v = z.shape
+        cd = torch.float64 if z.dtype == torch.float64 else torch.float32
+        n = valid.sum()
+        denom = n.clamp_min(1).to(cd)
+        w = valid.to(cd) / denom  # (N,) per-row weight of the mean
+        safe_y = labels.masked_fill(~valid, 0).long()
+        t2f = T * T if t2 else 1.0
+        rows = min(chunk_rows, max(n_rows, 1))
+        # A second buffer only holds e^T for the CE term when T is neither 1 nor 2 or when the
+        # CE softmax enters the gradient.
+        a_buf = torch.empty(rows, v, dtype=cd, device=z.device)
+        two = T not in (1.0, 2.0) or (c > 0 and need_grad and T != 1.0)
+        b_buf = torch.empty(rows, v, dtype=cd, device=z.device) if two else a_buf
+        grad = torch.empty_like(z) if need_grad else None
+        kl = torch.empty(n_rows, dtype=cd, device=z.device)
+        ce = torch.empty(n_rows, dtype=cd, device=z.device)
+        m = torch.empty(n_rows, dtype=torch.bool, device=z.device)
+        for lo in range(0, n_rows, rows):
+            sl = slice(lo, min(lo + rows, n_rows))
+            fm = None if fixed_mask is None else fixed_mask[sl]
+            zc = z[sl]
+            kl[sl], ce[sl], m[sl] = _chunk(
+                zc, safe_y[sl], w[sl], fm, ids1[sl], lp1[sl], ids2[sl], lp2[sl],
+                T, c, t2f, a_buf, b_buf, None if grad is None else grad[sl],
+            )  # fmt: skip
+        kl_mean = (w * kl).where(valid, 0.0).sum() * t2f
+        ce_mean = (w * ce).where(valid, 0.0).sum()
+        loss = (1.0 - c) * kl_mean + c * ce_mean
+        frac = (m & valid).sum().to(cd) / denom
+        ctx.grad = grad
+        ctx.mark_non_differentiable(kl_mean, ce_mean, frac, n)
+        return loss, kl_mean, ce_mean, frac, n
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        # Scale the stored gradient. It stays in ctx (retain_graph and gradcheck's reentrancy
+        # check call backward twice); in training the logits come out of lm_head, so autograd
+        # hands it straight to that matmul's backward without a copy.
+        grad = ctx.grad
+        if not (grad_loss.numel() == 1 and float(grad_loss) == 1.0):
+            grad = grad * grad_loss.to(grad.dtype)
+        return (grad,) + (None,) * 12
