@@ -1,0 +1,316 @@
+"""Teacher-cache benchmarks: size, build overhead, read speed, and the (K+1)-bin KL error.
+
+    .venv/bin/python benchmarks/bench_cache.py --model tiny [--quick]
+    .venv/bin/python benchmarks/bench_cache.py --model smollm2 --gguf /tmp/smol/x.gguf [--quick]
+
+Appends CSV rows to benchmarks/results/cache_cpu.csv (or --csv) and prints them:
+
+* ``size``      bytes/token/teacher on disk for K in {16,32,64,128} x codecs (real top-K of the
+                model on PIQA tokens, written with the cache's own writer);
+* ``build``     build tokens/s (forward + top-K + write) vs a bare forward pass over the same
+                batches, and the overhead %;
+* ``read``      CacheReader tokens/s (2 teachers, T=2, batch 8, shuffled) vs the tokens/s a
+                training step (LoRA fwd+bwd on the same batches) consumes;
+* ``kl_error``  relative error of the (K+1)-bin KL vs the full-vocabulary KL at T=2, per token
+                (median, p90), teacher = the model, student = the model with its weights
+                perturbed (a nearby model, like v2 vs v2c).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from muscle.config import DataConfig, ModelSpec  # noqa: E402
+from muscle.teacher_cache import (  # noqa: E402
+    CacheConfig,
+    CacheReader,
+    _create_teacher,
+    _plan_batches,
+    _unit_examples,
+    _write_unit,
+    build_cache,
+    compute_unit,
+    forward_logits,
+    ids_dtype_for,
+    read_stream,
+)
+
+CODECS = {"zstd5+shuffle": ("zstd", 5, "shuffle"), "lz4-5+shuffle": ("lz4", 5, "shuffle"),
+          "zstd5+bitshuffle": ("zstd", 5, "bitshuffle")}
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu} x{torch.get_num_threads()} threads"
+
+
+def model_dir(args, tmp: Path) -> Path:
+    if args.model == "tiny":
+        from tiny import make_model_dir
+
+        return make_model_dir(tmp / "tiny", seed=1, hidden=128, layers=4)
+    # SmolLM2-135M GGUF -> a plain checkpoint dir (DESIGN §7), cached next to the gguf file.
+    out = Path(args.gguf).with_suffix(".hf")
+    if not (out / "config.json").is_file():
+        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+        g = Path(args.gguf)
+        m = AutoModelForCausalLM.from_pretrained(g.parent, gguf_file=g.name, dtype=torch.float32)
+        cfg = m.config
+        if hasattr(cfg, "quantization_config"):
+            del cfg.quantization_config
+        fresh = LlamaForCausalLM(cfg)
+        fresh.load_state_dict(m.state_dict())
+        fresh.save_pretrained(out)
+        AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name).save_pretrained(out)
+    return out
+
+
+def bench_build(mdir, data, cache, dtype, rows, ctx, rounds):
+    """Build v1 (K=64, default codec); then time, alternating to cancel load drift, a bare
+    forward pass and the build's own unit loop (forward + top-K + write) on the same batches."""
+    import zarr
+
+    from muscle.models import load_model
+
+    cfg = CacheConfig(batch_size=8)
+    t = time.time()
+    res = build_cache(cache, "v1", ModelSpec(str(mdir)), data, cfg, dtype=dtype, progress=False)
+    wall = time.time() - t
+    model = load_model(ModelSpec(str(mdir), dtype=dtype))
+    root = zarr.open_group(str(cache), mode="r+")
+    stream = read_stream(root)
+    off, lengths = stream.offsets, np.diff(stream.offsets)
+    n_units = int(np.ceil(stream.n_tokens / cfg.shard_tokens))
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    scratch = _create_teacher(root, "scratch", cfg, stream.n_tokens, ids_dtype_for(vocab), {})
+
+    def bare() -> float:
+        t0 = time.perf_counter()
+        for u in range(n_units):
+            lo, hi = u * cfg.shard_tokens, min((u + 1) * cfg.shard_tokens, stream.n_tokens)
+            for batch in _plan_batches(lengths, _unit_examples(off, lo, hi), cfg.batch_size):
+                T = int(lengths[batch].max())
+                x = torch.zeros((len(batch), T), dtype=torch.long)
+                m = torch.zeros_like(x)
+                for b, e in enumerate(batch):
+                    ids = stream.input_ids[off[e] : off[e + 1]].astype(np.int64)
+                    x[b, : lengths[e]] = torch.from_numpy(ids)
+                    m[b, : lengths[e]] = 1
+                with torch.no_grad():
+                    forward_logits(model, x, m)
+        return time.perf_counter() - t0
+
+    def build() -> float:
+        t0 = time.perf_counter()
+        for u in range(n_units):
+            lo, hi = u * cfg.shard_tokens, min((u + 1) * cfg.shard_tokens, stream.n_tokens)
+            r = compute_unit(model, stream, lo, hi, cfg, device="cpu",
+                             ids_dtype=ids_dtype_for(vocab), pad_id=0)
+            _write_unit(scratch, cache / "teachers" / "scratch", u, r, cfg)
+        return time.perf_counter() - t0
+
+    t_bare, t_build = [], []
+    for _ in range(rounds):
+        t_bare.append(bare())
+        t_build.append(build())
+    shutil.rmtree(cache / "teachers" / "scratch")
+    n = stream.n_tokens
+    rows.append(ctx | {"bench": "build", "k": 64, "codec": "zstd5+shuffle", "tokens": n,
+                       "value": round(n / min(t_build), 1), "unit": "tokens/s",
+                       "baseline": round(n / min(t_bare), 1),
+                       "ratio": round(min(t_build) / min(t_bare) - 1, 4),
+                       "note": f"ratio = overhead vs bare forward (min of {rounds} alternating "
+                               f"rounds); full build incl. load {wall:.1f}s "
+                               f"({res.tokens_per_s:.0f} tok/s)"})
+    return model, stream
+
+
+def bench_size(model, stream, rows, ctx, n_tokens):
+    """Bytes/token/teacher for each K and codec, written with the cache's writer."""
+    import zarr
+
+    cfg0 = CacheConfig(k=128, chunk_tokens=2048, shard_chunks=32)
+    n = min(n_tokens, stream.n_tokens)
+    top = compute_unit(model, stream, 0, n, cfg0, device="cpu",
+                       ids_dtype=np.int64, pad_id=0)
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    for k in (16, 32, 64, 128):
+        for cname, (codec, clevel, shuffle) in CODECS.items():
+            cfg = CacheConfig(k=k, codec=codec, clevel=clevel, shuffle=shuffle,
+                              chunk_tokens=2048, shard_chunks=max(1, int(np.ceil(n / 2048))))
+            with tempfile.TemporaryDirectory() as d:
+                root = zarr.open_group(d, mode="w")
+                ids_dt = ids_dtype_for(vocab)
+                tg = _create_teacher(root, "v1", cfg, n, ids_dt, {})
+                from muscle.teacher_cache import UnitResult
+
+                res = UnitResult(ids=top.ids[:, :k].astype(ids_dt),
+                                 logprobs=top.logprobs[:, :k].astype(np.float16),
+                                 lse=top.lse, label_logprob=top.label_logprob)
+                _write_unit(tg, Path(d) / "teachers" / "v1", 0, res, cfg)
+                size = sum(f.stat().st_size for f in (Path(d) / "teachers" / "v1").rglob("*")
+                           if f.is_file() and "done" not in f.parts)
+                raw = n * (k * (ids_dt.itemsize + 2) + 4 * 3)
+            rows.append(ctx | {"bench": "size", "k": k, "codec": cname, "tokens": n,
+                               "value": round(size / n, 1), "unit": "bytes/token/teacher",
+                               "baseline": round(raw / n, 1), "ratio": round(raw / size, 2),
+                               "note": f"ids {ids_dt}, log-probs float16; baseline = raw bytes"})
+
+
+def bench_read(cache, mdir, dtype, rows, ctx, n_batches):
+    """CacheReader tokens/s vs a LoRA training step's tokens/s on the same batches."""
+    import json
+
+    src, dst = cache / "teachers" / "v1", cache / "teachers" / "v2"
+    if not dst.exists():  # a second teacher for the reader: a copy under the name v2
+        shutil.copytree(src, dst)
+        meta = json.loads((dst / "zarr.json").read_text())
+        meta["attributes"]["muscle_teacher"]["name"] = "v2"
+        (dst / "zarr.json").write_text(json.dumps(meta))
+    reader = CacheReader(cache, teachers=("v1", "v2"))
+    for workers in (0, 2):
+        t, toks = time.time(), 0
+        for i, b in enumerate(reader.iter_batches("train", 8, temperature=2.0, seed=0,
+                                                  num_workers=workers)):
+            toks += int(b["attention_mask"].sum())
+            if i + 1 >= n_batches:
+                break
+        read_tps = toks / (time.time() - t)
+        rows.append(ctx | {"bench": "read", "k": 64, "codec": "zstd5+shuffle", "tokens": toks,
+                           "value": round(read_tps, 1), "unit": "tokens/s",
+                           "baseline": "", "ratio": "",
+                           "note": f"2 teachers, T=2, batch 8, shuffled, workers={workers}"})
+    from muscle.config import LoraSpec
+    from muscle.models import attach_lora, load_base
+
+    student = attach_lora(load_base(ModelSpec(str(mdir), dtype=dtype)), LoraSpec(r=16, alpha=32))
+    student.train()
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-4)
+    t, toks = time.time(), 0
+    for i, b in enumerate(reader.iter_batches("train", 8, temperature=2.0, seed=0)):
+        out = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        logp = (out.logits.float() / 2).log_softmax(-1)  # (B, T, V)
+        p = b["v1_logprobs"].exp()
+        loss = -(p * logp.gather(-1, b["v1_ids"])).sum(-1)[b["labels"] != -100].mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        toks += int(b["attention_mask"].sum())
+        if i + 1 >= max(2, n_batches // 10):
+            break
+    train_tps = toks / (time.time() - t)
+    for r in rows:
+        if r["bench"] == "read":
+            r["baseline"] = round(train_tps, 1)
+            r["ratio"] = round(r["value"] / train_tps, 1)
+            r["note"] += "; baseline = LoRA r16 train step tokens/s"
+
+
+def bench_kl(model, stream, rows, ctx, n_tokens, noise):
+    """Relative error of KL_S (K+1 bins) vs the full KL at T=2, per token."""
+    import copy
+
+    student = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in student.parameters():
+            if p.dim() == 2:
+                p.add_(torch.randn(p.shape, generator=g) * noise * p.std())
+    off = stream.offsets
+    zt, zs, toks = [], [], 0
+    e = 0
+    while toks < n_tokens and e < stream.n_examples:
+        x = torch.from_numpy(stream.input_ids[off[e]:off[e + 1]].astype(np.int64))[None]
+        m = torch.ones_like(x)
+        with torch.no_grad():
+            zt.append(forward_logits(model, x, m).float())
+            zs.append(forward_logits(student, x, m).float())
+        toks += x.shape[1]
+        e += 1
+    zt, zs = torch.cat(zt), torch.cat(zs)  # (N, V)
+    T = 2.0
+    lp, lq = (zt / T).log_softmax(-1), (zs / T).log_softmax(-1)
+    full = (lp.exp() * (lp - lq)).sum(-1)  # (N,)
+    order = zt.argsort(-1, descending=True)
+    for k in (16, 32, 64, 128):
+        ids = order[:, :k]
+        p_s, q_s = lp.gather(1, ids), lq.gather(1, ids)
+        p_tail = (1 - p_s.exp().sum(1)).clamp(min=1e-30)
+        q_tail = (1 - q_s.exp().sum(1)).clamp(min=1e-30)
+        kl_s = (p_s.exp() * (p_s - q_s)).sum(1) + p_tail * (p_tail.log() - q_tail.log())
+        rel = ((full - kl_s).abs() / full.clamp(min=1e-12)).numpy()
+        rows.append(ctx | {"bench": "kl_error", "k": k, "codec": "", "tokens": len(rel),
+                           "value": round(float(np.median(rel)), 5), "unit": "median rel err",
+                           "baseline": round(float(np.percentile(rel, 90)), 5),
+                           "ratio": round(float(np.median(full.numpy())), 5),
+                           "note": f"baseline = p90 rel err; ratio = median full KL; student ="
+                                   f" teacher + {noise:g} std Gaussian weight noise"})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
+    ap.add_argument("--gguf", help="SmolLM2 .gguf file (DESIGN §7)")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--examples", type=int)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--noise", type=float, default=0.05)
+    ap.add_argument("--csv", default=str(REPO / "benchmarks" / "results" / "cache_cpu.csv"))
+    args = ap.parse_args()
+    if args.model == "smollm2" and not args.gguf:
+        ap.error("--model smollm2 needs --gguf PATH")
+    n_ex = args.examples or {("tiny", True): 120, ("tiny", False): 400,
+                             ("smollm2", True): 40, ("smollm2", False): 120}[args.model, args.quick]
+    tmp = Path(tempfile.mkdtemp(prefix="bench-cache-"))
+    try:
+        mdir = model_dir(args, tmp)
+        data = DataConfig(task="piqa", data_dir=str(REPO.parent / "shared" / "data"),
+                          max_examples=n_ex)
+        ctx = {"date": datetime.date.today().isoformat(), "machine": machine(),
+               "model": args.model, "dtype": args.dtype}
+        rows: list[dict] = []
+        model, stream = bench_build(mdir, data, tmp / "cache", args.dtype, rows, ctx,
+                                    rounds=2 if args.quick else 3)
+        bench_size(model, stream, rows, ctx, 4096 if args.quick else 16384)
+        bench_kl(model, stream, rows, ctx, 1024 if args.quick else 4096, args.noise)
+        bench_read(tmp / "cache", mdir, args.dtype, rows, ctx, 20 if args.quick else 60)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    fields = ["date", "machine", "model", "dtype", "bench", "k", "codec", "tokens", "value",
+              "unit", "baseline", "ratio", "note"]
+    path = Path(args.csv)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+    for r in rows:
+        print(",".join(str(r[k]) for k in fields[4:12]))
+
+
+if __name__ == "__main__":
+    main()

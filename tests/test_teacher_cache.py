@@ -1,0 +1,335 @@
+"""The teacher cache, in process, on tiny random models: exactness, reader, refusals, damage."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from muscle import MuscleError
+from muscle.config import DataConfig, ModelSpec
+from muscle.teacher_cache import (
+    CacheConfig,
+    CacheReader,
+    build_cache,
+    cache_teacher_spec,
+    inspect_cache,
+    verify_cache,
+)
+from tiny import SHARED_DATA, make_model_dir
+
+K = 16
+DATA = DataConfig(task="piqa", data_dir=str(SHARED_DATA), max_examples=40)
+CFG = CacheConfig(k=K, chunk_tokens=128, shard_chunks=2, batch_size=4)
+
+
+def build(out, base, name="v1", data=DATA, cfg=CFG, **kw):
+    return build_cache(out, name, ModelSpec(str(base), kw.pop("adapter", None)), data, cfg,
+                       progress=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {"m1": make_model_dir(root / "m1", seed=1), "m2": make_model_dir(root / "m2", seed=2)}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, models) -> Path:
+    out = tmp_path_factory.mktemp("cache") / "piqa"
+    build(out, models["m1"], "v1")
+    build(out, models["m2"], "v2")
+    return out
+
+
+def cache_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of a cache, by path inside it."""
+    import zarr
+
+    out = {}
+    root = zarr.open_group(str(path), mode="r")
+    for name, arr in root.arrays():
+        out[name] = arr[:]
+    for group in ("stream",):
+        for name, arr in root[group].arrays():
+            out[f"{group}/{name}"] = arr[:]
+    for t in root["teachers"].group_keys():
+        for name, arr in root["teachers"][t].arrays():
+            out[f"teachers/{t}/{name}"] = arr[:]
+    return out
+
+
+def assert_same_cache(a: Path, b: Path) -> None:
+    xa, xb = cache_arrays(a), cache_arrays(b)
+    assert sorted(xa) == sorted(xb)
+    for k in xa:
+        assert xa[k].dtype == xb[k].dtype, k
+        if xa[k].dtype.kind == "f":
+            assert np.array_equal(xa[k], xb[k], equal_nan=True), k
+        else:
+            assert np.array_equal(xa[k], xb[k]), k
+
+
+def dense(model_dir: Path, input_ids: list[int]) -> torch.Tensor:
+    from muscle.models import load_model
+
+    model = load_model(ModelSpec(str(model_dir)))
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([input_ids])).logits[0].float()  # (L, V)
+
+
+# ------------------------------------------------------------------------------ exactness
+
+
+def test_stored_topk_equals_direct_forward(cache, models):
+    import zarr
+
+    reader = CacheReader(cache, teachers=("v1", "v2"))
+    root = zarr.open_group(str(cache), mode="r")
+    for name, mdir in (("v1", models["m1"]), ("v2", models["m2"])):
+        tg = root["teachers"][name]
+        for e in (0, 7, reader.stream.n_examples - 1):
+            lo, hi = reader.stream.offsets[e], reader.stream.offsets[e + 1]
+            logits = dense(mdir, reader.stream.input_ids[lo:hi].tolist())  # (L, V)
+            vals, ids = torch.topk(logits, K)
+            lse1 = torch.logsumexp(logits, 1)
+            lse2 = torch.logsumexp(logits / 2, 1)
+            assert np.array_equal(tg["ids"][lo:hi].astype(np.int64), ids.numpy())
+            lp = torch.from_numpy(tg["logprobs"][lo:hi].astype(np.float32))
+            torch.testing.assert_close(lp, vals - lse1[:, None], atol=1e-3, rtol=2e-3)
+            lse = torch.from_numpy(tg["lse"][lo:hi])
+            torch.testing.assert_close(lse, torch.stack([lse1, lse2], 1), atol=1e-5, rtol=1e-5)
+            labels = torch.from_numpy(reader.stream.labels[lo:hi].astype(np.int64))
+            lab = torch.from_numpy(tg["label_logprob"][lo:hi])
+            valid = labels != -100
+            want = logits.log_softmax(1).gather(1, labels.clamp(min=0)[:, None])[:, 0]
+            torch.testing.assert_close(lab[valid], want[valid], atol=1e-5, rtol=1e-5)
+            assert torch.isnan(lab[~valid]).all()
+
+
+def test_reader_reconstructs_temperature_logprobs_and_tail(cache, models):
+    reader = CacheReader(cache)
+    idx = reader.split_indices("validation")[:3]
+    batch = reader.read_batch(idx, temperature=2.0, teachers=("v1",))
+    for b, e in enumerate(idx):
+        lo, hi = reader.stream.offsets[e], reader.stream.offsets[e + 1]
+        L = hi - lo
+        logits = dense(models["m1"], reader.stream.input_ids[lo:hi].tolist())
+        lp_dense = (logits / 2).log_softmax(1)  # (L, V) at T=2
+        ids = batch["v1_ids"][b, :L]
+        lp = batch["v1_logprobs"][b, :L]
+        torch.testing.assert_close(lp, lp_dense.gather(1, ids), atol=2e-3, rtol=2e-3)
+        tail = 1 - lp.exp().sum(1)
+        tail_dense = 1 - lp_dense.gather(1, ids).exp().sum(1)
+        torch.testing.assert_close(tail, tail_dense, atol=1e-3, rtol=1e-3)
+        assert (tail > 0).all()
+        assert batch["input_ids"][b, :L].tolist() == reader.stream.input_ids[lo:hi].tolist()
+        assert batch["attention_mask"][b].sum() == L
+        # padding: ids 0, log-probs 0, labels -100
+        assert (batch["v1_ids"][b, L:] == 0).all() and (batch["v1_logprobs"][b, L:] == 0).all()
+        assert (batch["labels"][b, L:] == -100).all()
+        lab = batch["v1_label_logprob"][b, :L]
+        labels = batch["labels"][b, :L]
+        want = logits.log_softmax(1).gather(1, labels.clamp(min=0)[:, None])[:, 0]
+        torch.testing.assert_close(lab[labels != -100], want[labels != -100], atol=1e-5, rtol=1e-5)
+        assert (lab[labels == -100] == 0).all()
+
+
+def test_reader_order_ranks_and_workers(cache):
+    reader = CacheReader(cache)
+    n = reader.num_examples("train")
+    assert n + reader.num_examples("validation") == 40
+    kw = dict(temperature=2.0, teachers=("v1", "v2"), seed=3, epoch=1)
+    one = list(reader.iter_batches("train", 4, **kw))
+    again = list(reader.iter_batches("train", 4, **kw))
+    assert [b["example_ids"] for b in one] == [b["example_ids"] for b in again]
+    other = list(reader.iter_batches("train", 4, **(kw | {"epoch": 2})))
+    assert [b["example_ids"] for b in one] != [b["example_ids"] for b in other]
+    seen = sorted(i for b in one for i in b["example_ids"])
+    assert len(seen) == n == len(set(seen))
+    # two ranks with batch 2 see the global batches of one rank with batch 4
+    r0 = list(reader.iter_batches("train", 2, rank=0, world_size=2, **kw))
+    r1 = list(reader.iter_batches("train", 2, rank=1, world_size=2, **kw))
+    assert len(r0) == len(r1) == len(one)
+    for g, a, b in zip(one, r0, r1, strict=True):
+        assert a["example_ids"] + b["example_ids"] == g["example_ids"]
+    # skip resumes mid-epoch; DataLoader workers give the same batches
+    assert [b["example_ids"] for b in reader.iter_batches("train", 4, skip=2, **kw)] == [
+        b["example_ids"] for b in one[2:]
+    ]
+    workers = list(reader.iter_batches("train", 4, num_workers=2, **kw))
+    for a, b in zip(one, workers, strict=True):
+        assert a["example_ids"] == b["example_ids"]
+        assert torch.equal(a["v2_logprobs"], b["v2_logprobs"])
+    with pytest.raises(MuscleError, match="temperature 3"):
+        next(reader.iter_batches("train", 4, temperature=3.0))
+    with pytest.raises(MuscleError, match="no teacher 'v3'"):
+        next(reader.iter_batches("train", 4, temperature=2.0, teachers=("v3",)))
+
+
+def test_inspect_and_verify(cache, models):
+    info = inspect_cache(cache)
+    assert info["k"] == K and set(info["teachers"]) == {"v1", "v2"}
+    assert all(t["complete"] for t in info["teachers"].values())
+    assert 0 < info["teachers"]["v1"]["bytes_per_token"] < 200
+    rep = verify_cache(cache, rerun=("v1",), sample=20)
+    assert rep.ok, rep.errors
+    assert rep.rerun["v1"]["ids_exact"] == 1.0
+    assert cache_teacher_spec(cache, "v2") == ModelSpec(str(models["m2"]), dtype="float32")
+
+
+# ------------------------------------------------------------------------------ refusals
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"cfg": CacheConfig(k=8, chunk_tokens=128, shard_chunks=2)}, "its K"),
+        ({"data": DataConfig(task="piqa", data_dir=str(SHARED_DATA), max_examples=30)},
+         "dataset fingerprint"),
+        ({"data": DataConfig(task="piqa", data_dir=str(SHARED_DATA), max_examples=40,
+                             val_fraction=0.3)}, "split"),
+        ({"data": DataConfig(task="piqa", data_dir=str(SHARED_DATA), max_examples=40,
+                             max_length=20)}, "token stream"),
+    ],
+)
+def test_refuses_to_mix(cache, models, change, match):
+    with pytest.raises(MuscleError, match=match):
+        build(cache, models["m2"], "v3", **change)
+    assert not (cache / "teachers" / "v3").exists()
+
+
+def test_refuses_other_tokenizer_and_needs_overwrite(cache, models, tmp_path):
+    other = make_model_dir(tmp_path / "other", seed=3, vocab_size=500)
+    with pytest.raises(MuscleError, match="tokenizer fingerprint"):
+        build(cache, other, "v3")
+    with pytest.raises(MuscleError, match="already complete.*--overwrite"):
+        build(cache, models["m1"], "v1")
+
+
+def test_k_larger_than_vocabulary(models, tmp_path):
+    with pytest.raises(MuscleError, match="larger than the vocabulary"):
+        build(tmp_path / "c", models["m1"], cfg=CacheConfig(k=100_000))
+
+
+def test_unwritable_output(models, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(MuscleError, match="cannot write the cache"):
+        build(tmp_path / "file" / "c", models["m1"])
+
+
+def test_nan_logits_name_the_example(models, tmp_path):
+    from muscle.models import load_base
+    from muscle.tasks import load_examples
+
+    model = load_base(ModelSpec(str(models["m1"])))
+    # Untie the head so a NaN in one embedding row only poisons examples containing that token.
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+    tok_dir = tmp_path / "nan"
+    model.save_pretrained(tok_dir)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(models["m1"])
+    tok.save_pretrained(tok_dir)
+    ex = load_examples("piqa", "train", data_dir=SHARED_DATA, max_examples=40)
+    bad_token = tok(ex[5].context)["input_ids"][3]
+    poisoned = {e.id for e in ex if bad_token in tok(e.context + " " + e.answer)["input_ids"]}
+    with torch.no_grad():
+        model.model.embed_tokens.weight[bad_token] = float("nan")
+    model.save_pretrained(tok_dir)
+    with pytest.raises(MuscleError, match="NaN/inf logits on example") as err:
+        build(tmp_path / "c", tok_dir)
+    named = int(str(err.value).split("example ")[1].split(" ")[0])
+    assert named in poisoned
+
+
+def test_adapter_teacher_and_mismatched_base(models, tmp_path):
+    from muscle.config import LoraSpec
+    from muscle.models import (
+        adapter_sha256,
+        attach_lora,
+        base_fingerprint,
+        load_base,
+        save_adapter,
+    )
+
+    spec1 = ModelSpec(str(models["m1"]))
+    peft = attach_lora(load_base(spec1), LoraSpec(r=4, alpha=8))
+    sidecar = {"base": {"path": str(models["m1"]), "fingerprint": base_fingerprint(spec1)}}
+    save_adapter(peft, tmp_path / "ad", sidecar)
+    with pytest.raises(MuscleError, match="was trained on base"):
+        build(tmp_path / "c", models["m2"], "v2", adapter=str(tmp_path / "ad"))
+    build(tmp_path / "c", models["m1"], "v2", adapter=str(tmp_path / "ad"))
+    spec = cache_teacher_spec(tmp_path / "c", "v2")
+    assert spec.adapter == str(tmp_path / "ad")
+    meta = json.loads((tmp_path / "c" / "teachers" / "v2" / "zarr.json").read_text())
+    assert meta["attributes"]["muscle_teacher"]["model"]["adapter_sha256"] == adapter_sha256(
+        tmp_path / "ad")
+
+
+# ------------------------------------------------------------------------------ damage
+
+
+def _first_shard(cache: Path, teacher: str = "v1") -> Path:
+    return cache / "teachers" / teacher / "logprobs" / "c" / "0" / "0"
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_corrupted_chunk_is_named(cache, tmp_path, damage):
+    bad = tmp_path / "bad"
+    shutil.copytree(cache, bad)
+    f = _first_shard(bad)
+    data = bytearray(f.read_bytes())
+    if damage == "flip":
+        data[len(data) // 3] ^= 0xFF
+    else:
+        data = data[: len(data) // 2]
+    f.write_bytes(bytes(data))
+    rep = verify_cache(bad)
+    assert not rep.ok
+    assert any("teachers/v1/logprobs" in e and "chunk" in e for e in rep.errors), rep.errors
+    reader = CacheReader(bad)
+    with pytest.raises(MuscleError, match=r"chunk \d+ of teachers/v1/logprobs"):
+        for _ in reader.iter_batches("train", 8, temperature=2.0, shuffle=False):
+            pass
+
+
+def test_missing_shard_file_refused(cache, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(cache, bad)
+    _first_shard(bad, "v2").unlink()
+    with pytest.raises(MuscleError, match="shard file .*missing"):
+        CacheReader(bad, teachers=("v1", "v2"))
+    assert any("missing" in e for e in verify_cache(bad).errors)
+
+
+def test_disk_full_is_clean_and_resumable(cache, models, tmp_path, monkeypatch):
+    from zarr.storage import LocalStore
+
+    out = tmp_path / "c"
+    shutil.copytree(cache, out)
+    shutil.rmtree(out / "teachers" / "v2")
+    real_set, calls = LocalStore.set, {"n": 0}
+
+    async def flaky_set(self, key, value):
+        if key.startswith("teachers/v2/") and "/c/" in key:
+            calls["n"] += 1
+            if calls["n"] == 7:  # part-way through the second unit
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return await real_set(self, key, value)
+
+    monkeypatch.setattr(LocalStore, "set", flaky_set)
+    with pytest.raises(MuscleError, match="No space left.*resumable"):
+        build(out, models["m2"], "v2")
+    monkeypatch.setattr(LocalStore, "set", real_set)
+    with pytest.raises(MuscleError, match="incomplete"):
+        CacheReader(out, teachers=("v2",))
+    res = build(out, models["m2"], "v2")
+    assert res.resumed and 0 < res.units_built < res.units_total
+    assert_same_cache(out, cache)
