@@ -104,7 +104,7 @@ def _demo_profile() -> PairProfile:
 def _test_profile() -> PairProfile:
     # Seconds on 2 cores; fp32 because bf16 autocast only costs casts at these tiny sizes.
     # 60 steps take v1 past the unigram plateau, so v2's extra training shows in the loss.
-    shape = ModelShape(hidden_size=64, num_layers=2, num_heads=2, max_position=64)
+    shape = ModelShape(hidden_size=64, num_layers=2, num_heads=2, max_position=256)
     v1 = PretrainConfig(
         shape=shape, seq_len=64, batch_size=16, steps=60, warmup_steps=5, lr=1e-2,
         data_fraction=0.6, data_seed=1, eval_tokens=4096, precision="fp32", threads=1,
