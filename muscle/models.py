@@ -261,7 +261,8 @@ def describe_model(spec: ModelSpec) -> dict:
     return out
 
 
-def tiny_llama(vocab_size: int, *, hidden: int = 64, layers: int = 2, heads: int = 4, seed: int = 0, max_positions: int = 512):
+def tiny_llama(vocab_size: int, *, hidden: int = 64, layers: int = 2, heads: int = 4, seed: int = 0,
+               max_positions: int = 512, initializer_range: float = 0.02):
     """A tiny randomly initialised Llama, for tests and examples (no download)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -275,5 +276,6 @@ def tiny_llama(vocab_size: int, *, hidden: int = 64, layers: int = 2, heads: int
         num_key_value_heads=heads,
         max_position_embeddings=max_positions,
         tie_word_embeddings=True,
+        initializer_range=initializer_range,
     )
     return LlamaForCausalLM(cfg)

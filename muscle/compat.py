@@ -1,0 +1,341 @@
+"""MUSCLE compatibility training (paper Sec. 4.1, Eq. 1-2), from the cache or with live teachers.
+
+The compatibility adapter starts as a copy of the v2 task adapter and is trained on the v2 base
+with the masked KL of :func:`muscle.losses.masked_kl`: toward v1 on tokens the adapter gets
+wrong, toward v2 elsewhere. Same loop as task training (:func:`muscle.train.fit`), another
+objective.
+
+* Cache mode (:func:`train_compat_from_cache`): teachers come from ``muscle-cache build``; only
+  the v2 base and the one adapter being trained are in memory, no teacher runs a forward pass.
+* Online mode (:func:`train_compat_online`): v1 and v2 task models run live, their top-K taken
+  on the fly with the same K and the same loss. It is the baseline the cache must beat, and the
+  choice for users without disk.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from muscle import MuscleError, __version__, distributed
+from muscle.config import CompatConfig, DataConfig, ModelSpec, TrainConfig, to_dict
+from muscle.data import encode_examples, iter_batches, model_max_length, num_batches
+from muscle.models import (
+    base_fingerprint,
+    describe_model,
+    load_adapter,
+    load_base,
+    load_model,
+    load_tokenizer,
+    save_adapter,
+    tokenizer_fingerprint,
+)
+from muscle.tasks import dataset_fingerprint, get_task, load_examples
+from muscle.train import (
+    Batch,
+    Data,
+    empty_batch_loss,
+    finish_run,
+    fit,
+    pick_device,
+    prepare_run_dir,
+    student_logits,
+    valid_rows,
+)
+
+KERNEL_MASKS = ("v2c_wrong", "v1_correct", "always_v1", "always_v2")
+LIKELIHOOD_MASKS = ("token_ll", "seq_ll")
+
+
+def _stats_dict(stats) -> dict[str, float]:
+    raw = stats if isinstance(stats, dict) else vars(stats)
+    return {k: float(v) for k, v in raw.items()}
+
+
+class CompatObjective:
+    """The MUSCLE loss on a batch that carries both teachers' top-K (from the cache or live).
+
+    Batch keys: input_ids, attention_mask, labels (B, T); v1_ids, v2_ids (B, T, K);
+    v1_logprobs, v2_logprobs (B, T, K) at the training temperature; v1_label_logprob,
+    v2_label_logprob (B, T) at T = 1 (for the likelihood masks).
+    """
+
+    name = "compat"
+
+    def __init__(self, cfg: CompatConfig):
+        if cfg.mask not in KERNEL_MASKS + LIKELIHOOD_MASKS:
+            raise MuscleError(f"unknown mask {cfg.mask!r}: choose one of {', '.join(KERNEL_MASKS + LIKELIHOOD_MASKS)}")
+        self.cfg = cfg
+
+    def mask_for(self, batch: Batch, rows: torch.Tensor):
+        """The kernel's own mask name, or a bool tensor (n,) for the likelihood masks."""
+        if self.cfg.mask in KERNEL_MASKS:
+            return self.cfg.mask
+        from muscle.losses import sequence_likelihood_mask, token_likelihood_mask
+
+        lp1 = batch["v1_label_logprob"].reshape(-1).index_select(0, rows)  # (n,)
+        lp2 = batch["v2_label_logprob"].reshape(-1).index_select(0, rows)  # (n,)
+        if self.cfg.mask == "token_ll":
+            return token_likelihood_mask(lp1, lp2)
+        example = rows // batch["labels"].shape[1]  # (n,) which sequence each row belongs to
+        return sequence_likelihood_mask(lp1, lp2, example, torch.ones_like(example, dtype=torch.bool))
+
+    def __call__(self, model, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        from muscle.losses import masked_kl_with_stats
+
+        rows = valid_rows(batch)  # (n,)
+        if rows.numel() == 0:
+            zero = {"loss": 0.0, "kl": 0.0, "ce": 0.0, "frac_v1": 0.0, "n_tokens": 0.0}
+            return empty_batch_loss(model, batch), zero
+        labels = batch["labels"].reshape(-1).index_select(0, rows)  # (n,)
+
+        def take(key: str) -> torch.Tensor:  # (B, T, K) -> (n, K)
+            t = batch[key]
+            return t.reshape(-1, t.shape[-1]).index_select(0, rows)
+
+        z = student_logits(model, batch, rows)  # (n, V)
+        loss, stats = masked_kl_with_stats(
+            z, labels, take("v1_ids"), take("v1_logprobs"), take("v2_ids"), take("v2_logprobs"),
+            temperature=self.cfg.temperature, mask=self.mask_for(batch, rows),
+            ce_weight=self.cfg.ce_weight, t2_scale=self.cfg.t2_scale, impl=self.cfg.impl,
+        )
+        s = _stats_dict(stats)
+        return loss, {"loss": loss.item(), "kl": s.get("kl", math.nan), "ce": s.get("ce", math.nan),
+                      "frac_v1": s.get("frac_v1", math.nan), "n_tokens": float(rows.numel())}
+
+
+@dataclass
+class CompatResult:
+    out_dir: Path
+    state: str
+    best_epoch: int
+    best_val_loss: float
+
+
+def _sidecar(kind: str, task: str, v2: ModelSpec, tok, extra: dict) -> dict:
+    return {
+        "format": 1,
+        "kind": kind,
+        "muscle_version": __version__,
+        "task": task,
+        "base": {"path": v2.base, "revision": v2.revision, "gguf_file": v2.gguf_file,
+                 "fingerprint": base_fingerprint(v2)},
+        "tokenizer_fingerprint": tokenizer_fingerprint(tok),
+        "init_adapter": v2.adapter,
+        **extra,
+    }
+
+
+def _already_done(run, state: str) -> CompatResult | None:
+    if state != "done":
+        return None
+    info = run.read_run()
+    print(f"{run.path}: already trained (best epoch {info.get('best_epoch')}); use --overwrite to train again")
+    return CompatResult(run.path, "already done", info.get("best_epoch", -1), info.get("best_val_loss", math.nan))
+
+
+# ------------------------------------------------------------------------------ cache mode
+
+
+def _check_v2_adapter(spec: ModelSpec) -> None:
+    if not spec.adapter:
+        raise MuscleError("the cache's v2 teacher has no adapter: the compatibility adapter starts from v2's task adapter")
+    if not (Path(spec.adapter) / "adapter_config.json").is_file():
+        raise MuscleError(f"the v2 task adapter recorded in the cache is no longer on disk: {spec.adapter}")
+
+
+def train_compat_from_cache(
+    cache_path: str | Path,
+    out_dir: str | Path,
+    *,
+    train_cfg: TrainConfig = TrainConfig(),
+    compat_cfg: CompatConfig = CompatConfig(),
+    overwrite: bool = False,
+    device: str | None = None,
+    deepspeed_config: str | None = None,
+    stop_after_steps: int | None = None,
+) -> CompatResult:
+    """``muscle-train --cache``: everything comes from the cache (v2 base + adapter, tokens, teachers)."""
+    from muscle.teacher_cache import CacheReader, cache_teacher_spec, check_teacher_provenance
+
+    if deepspeed_config is not None:
+        raise MuscleError("--deepspeed is not supported yet for compatibility training; use torchrun (DDP)")
+    dev = pick_device(device)
+    dinfo = distributed.init(dev)
+    reader = CacheReader(cache_path)
+    for name in ("v1", "v2"):
+        if name not in reader.teachers:
+            raise MuscleError(
+                f"cache {cache_path} has no teacher {name!r}: build it with "
+                f"muscle-cache build --model {name} --out {cache_path} (plus --config or --base/--adapter)"
+            )
+        reader.check_teacher(name)  # complete, every shard file present
+    temps = reader.temperatures
+    if not any(abs(compat_cfg.temperature - t) < 1e-9 for t in temps):
+        raise MuscleError(
+            f"temperature {compat_cfg.temperature} is not cached (cached: {', '.join(map(str, temps))}): "
+            "use one of those or rebuild the cache with --temperatures"
+        )
+    v2_spec = cache_teacher_spec(cache_path, "v2")
+    _check_v2_adapter(v2_spec)
+    check_teacher_provenance(cache_path, "v2")
+    tok = load_tokenizer(v2_spec)
+    cached_tok = reader.meta.get("tokenizer_fingerprint")
+    if cached_tok and cached_tok != tokenizer_fingerprint(tok):
+        raise MuscleError(
+            f"the student's tokenizer ({tokenizer_fingerprint(tok)}) differs from the cache's ({cached_tok})"
+        )
+    task = reader.meta.get("task", "?")
+    identity = {"kind": "compat", "mode": "cache", "cache": str(Path(cache_path).resolve()),
+                "cache_id": reader.meta.get("dataset_fingerprint"), "v2": describe_model(v2_spec),
+                "compat": to_dict(compat_cfg),
+                "train": {k: v for k, v in to_dict(train_cfg).items() if k not in ("checkpoint_every", "log_every")}}
+    run, state = prepare_run_dir(out_dir, identity, overwrite=overwrite)
+    if (done := _already_done(run, state)) is not None:
+        return done
+
+    torch.manual_seed(train_cfg.seed)
+    model = load_model(v2_spec, dev, trainable_adapter=True)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    for name in ("v1", "v2"):
+        theirs = reader.teachers[name].get("vocab_size")
+        if theirs is not None and int(theirs) != vocab:
+            raise MuscleError(f"the student's vocabulary ({vocab}) differs from teacher {name}'s ({theirs})")
+    bs, seed, T = train_cfg.batch_size, train_cfg.seed, compat_cfg.temperature
+    data = Data(
+        train=lambda epoch, skip: reader.iter_batches("train", bs, temperature=T, shuffle=True, seed=seed,
+                                                      epoch=epoch, skip=skip, rank=dinfo.rank,
+                                                      world_size=dinfo.world_size),
+        validation=lambda: reader.iter_batches("validation", bs, temperature=T, shuffle=False),
+        batches_per_epoch=num_batches(reader.num_examples("train"), bs * dinfo.world_size),
+    )
+    sidecar = _sidecar("compat", task, v2_spec, tok, {
+        "mode": "cache", "cache": str(cache_path), "teachers": reader.teachers,
+        "compat": to_dict(compat_cfg), "train": to_dict(train_cfg)})
+
+    def save_best(epoch: int, val: dict) -> None:
+        save_adapter(model, run.path, sidecar | {"best_epoch": epoch, "validation": val})
+
+    result = fit(model, CompatObjective(compat_cfg), data, train_cfg, run, save_best=save_best,
+                 device=dev, stop_after_steps=stop_after_steps)
+    finish_run(run, result)
+    return CompatResult(run.path, "trained", result.best_epoch, result.best_val_loss)
+
+
+# ------------------------------------------------------------------------------ online mode
+
+
+class LiveTeachers:
+    """Adds both teachers' top-K to a batch by running v1 and v2 now (online mode).
+
+    v2's teacher shares the student's base: its task adapter is loaded as a second, frozen
+    adapter ("teacher") on the same PEFT model, so online mode holds two bases (v1, v2), not three.
+    """
+
+    def __init__(self, v1_model, student, k: int, temperature: float):
+        self.v1, self.student, self.k, self.T = v1_model, student, k, temperature
+
+    @torch.no_grad()
+    def _topk(self, logits: torch.Tensor, labels: torch.Tensor, prefix: str, out: Batch) -> None:
+        from muscle.topk import teacher_topk
+
+        B, T, V = logits.shape
+        tk = teacher_topk(logits.reshape(B * T, V), labels.reshape(-1), self.k, temperatures=(self.T, 1.0))
+        lp = tk.values / self.T - tk.lse[self.T][:, None]  # (B*T, K) log-probs at T
+        label_lp = tk.label_logit - tk.lse[1.0]  # (B*T,) at T = 1
+        out[f"{prefix}_ids"] = tk.ids.reshape(B, T, -1)
+        out[f"{prefix}_logprobs"] = lp.reshape(B, T, -1)
+        out[f"{prefix}_label_logprob"] = torch.nan_to_num(label_lp, nan=0.0).reshape(B, T)
+
+    @torch.no_grad()
+    def __call__(self, batch: Batch) -> Batch:
+        kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        out = dict(batch)
+        self._topk(self.v1(**kw).logits, batch["labels"], "v1", out)
+        was_training = self.student.training
+        self.student.eval()
+        self.student.set_adapter("teacher")
+        try:
+            self._topk(self.student(**kw).logits, batch["labels"], "v2", out)
+        finally:
+            self.student.set_adapter("default")
+            self.student.train(was_training)
+        return out
+
+
+class OnlineCompatObjective(CompatObjective):
+    def __init__(self, cfg: CompatConfig, teachers: LiveTeachers):
+        super().__init__(cfg)
+        self.teachers = teachers
+
+    def __call__(self, model, batch: Batch):
+        return super().__call__(model, self.teachers(batch))
+
+
+def train_compat_online(
+    v1: ModelSpec,
+    v2: ModelSpec,
+    data_cfg: DataConfig,
+    out_dir: str | Path,
+    *,
+    train_cfg: TrainConfig = TrainConfig(),
+    compat_cfg: CompatConfig = CompatConfig(),
+    top_k: int = 64,
+    overwrite: bool = False,
+    device: str | None = None,
+    stop_after_steps: int | None = None,
+) -> CompatResult:
+    """``muscle-train --online``: the same loss with teachers computed live."""
+    if not v2.adapter:
+        raise MuscleError("online mode needs v2's task adapter (the compatibility adapter starts from it)")
+    task = get_task(data_cfg.task)
+    tok = load_tokenizer(v2)
+    if tokenizer_fingerprint(load_tokenizer(v1)) != tokenizer_fingerprint(tok):
+        raise MuscleError("v1 and v2 use different tokenizers: MUSCLE's token-level KL needs one vocabulary")
+    ex_kw = {"source": data_cfg.source, "data_dir": data_cfg.data_dir, "val_fraction": data_cfg.val_fraction,
+             "split_seed": data_cfg.split_seed, "max_examples": data_cfg.max_examples}
+    train_ex = load_examples(task, "train", **ex_kw)
+    val_ex = load_examples(task, "validation", **ex_kw)
+    identity = {"kind": "compat", "mode": "online", "task": task.name, "data": to_dict(data_cfg),
+                "dataset_fingerprint": dataset_fingerprint(task, train_ex + val_ex),
+                "v1": describe_model(v1), "v2": describe_model(v2), "top_k": top_k,
+                "compat": to_dict(compat_cfg),
+                "train": {k: v for k, v in to_dict(train_cfg).items() if k not in ("checkpoint_every", "log_every")}}
+    run, state = prepare_run_dir(out_dir, identity, overwrite=overwrite)
+    if (done := _already_done(run, state)) is not None:
+        return done
+
+    dev = pick_device(device)
+    torch.manual_seed(train_cfg.seed)
+    v1_model = load_model(v1, dev)
+    base = load_base(v2, dev)
+    v2_base_only = ModelSpec(v2.base, None, v2.revision, v2.gguf_file, v2.dtype)
+    student = load_adapter(base, v2.adapter, trainable=True, base_spec=v2_base_only)
+    student.load_adapter(v2.adapter, adapter_name="teacher", is_trainable=False)
+    student.set_adapter("default")
+    student.to(dev)
+    max_len = data_cfg.max_length or model_max_length(base)
+    enc_kw = {"answer_only": data_cfg.answer_only, "max_length": max_len, "truncation": data_cfg.truncation}
+    train_enc = encode_examples(tok, task, train_ex, **enc_kw)
+    val_enc = encode_examples(tok, task, val_ex, **enc_kw)
+    pad, bs, seed = tok.pad_token_id, train_cfg.batch_size, train_cfg.seed
+    data = Data(
+        train=lambda epoch, skip: iter_batches(train_enc, bs, pad, shuffle=True, seed=seed, epoch=epoch, skip=skip),
+        validation=lambda: iter_batches(val_enc, bs, pad, shuffle=False),
+        batches_per_epoch=num_batches(len(train_enc), bs),
+    )
+    objective = OnlineCompatObjective(compat_cfg, LiveTeachers(v1_model, student, top_k, compat_cfg.temperature))
+    sidecar = _sidecar("compat", task.name, v2, tok, {
+        "mode": "online", "teachers": {"v1": describe_model(v1), "v2": describe_model(v2)}, "top_k": top_k,
+        "data": to_dict(data_cfg), "compat": to_dict(compat_cfg), "train": to_dict(train_cfg)})
+
+    def save_best(epoch: int, val: dict) -> None:
+        save_adapter(student, run.path, sidecar | {"best_epoch": epoch, "validation": val})
+
+    result = fit(student, objective, data, train_cfg, run, save_best=save_best, device=dev,
+                 stop_after_steps=stop_after_steps)
+    finish_run(run, result)
+    return CompatResult(run.path, "trained", result.best_epoch, result.best_val_loss)

@@ -1,0 +1,222 @@
+"""MUSCLE compatibility training: cache mode, online mode, golden loss, a full tiny run, bad inputs."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from muscle import MuscleError
+from muscle.compat import (
+    CompatObjective,
+    LiveTeachers,
+    train_compat_from_cache,
+    train_compat_online,
+)
+from muscle.config import CompatConfig, DataConfig, LoraSpec, ModelSpec, TrainConfig
+from muscle.data import IGNORE_INDEX, encode_examples, iter_batches
+from muscle.models import (
+    attach_lora,
+    base_fingerprint,
+    load_adapter,
+    load_base,
+    load_model,
+    save_adapter,
+)
+from muscle.tasks import get_task, load_examples
+from muscle.teacher_cache import CacheConfig, CacheReader, build_cache
+from tiny import SHARED_DATA, build_tokenizer, make_model_dir
+
+K = 16
+DATA = DataConfig(task="piqa", data_dir=str(SHARED_DATA), max_examples=40, max_length=96)
+CACHE_CFG = CacheConfig(k=K, chunk_tokens=256, shard_chunks=2)
+
+
+def random_adapter(base_dir: Path, out: Path, seed: int) -> Path:
+    """A LoRA with non-zero B (so it changes the model), saved with muscle's sidecar."""
+    torch.manual_seed(seed)
+    spec = ModelSpec(str(base_dir))
+    model = attach_lora(load_base(spec), LoraSpec(r=4, alpha=8))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    save_adapter(model, out, {"base": {"path": str(base_dir), "fingerprint": base_fingerprint(spec)}})
+    return out
+
+
+@pytest.fixture(scope="module")
+def update(tmp_path_factory):
+    root = tmp_path_factory.mktemp("update")
+    b1 = make_model_dir(root / "base1", seed=0, init_std=0.15)
+    b2 = make_model_dir(root / "base2", seed=1, init_std=0.15)
+    v1 = ModelSpec(str(b1), str(random_adapter(b1, root / "a1", 10)))
+    v2 = ModelSpec(str(b2), str(random_adapter(b2, root / "a2", 11)))
+    cache = root / "cache"
+    build_cache(cache, "v1", v1, DATA, CACHE_CFG, progress=False)
+    build_cache(cache, "v2", v2, DATA, CACHE_CFG, progress=False)
+    return {"root": root, "v1": v1, "v2": v2, "cache": cache}
+
+
+def first_batch(reader: CacheReader, T: float = 2.0):
+    return next(iter(reader.iter_batches("train", 4, temperature=T, shuffle=False)))
+
+
+@pytest.mark.parametrize("mask", ["v2c_wrong", "v1_correct", "always_v1", "token_ll", "seq_ll"])
+def test_cache_loss_equals_online_loss(update, mask):
+    """The same batch scored with cached teachers and with live teachers: equal up to storage
+    precision (float16 log-probs)."""
+    reader = CacheReader(update["cache"])
+    cached = first_batch(reader)
+    tok = build_tokenizer()
+    task = get_task("piqa")
+    exs = load_examples(task, "train", data_dir=DATA.data_dir, max_examples=DATA.max_examples)
+    enc = encode_examples(tok, task, exs, max_length=DATA.max_length)
+    live_batch = next(iter_batches(enc, 4, tok.pad_token_id, shuffle=False))
+    assert torch.equal(live_batch["input_ids"], cached["input_ids"])
+    assert torch.equal(live_batch["labels"], cached["labels"])
+
+    v2 = update["v2"]
+    student = load_adapter(load_base(ModelSpec(v2.base)), v2.adapter, trainable=True)
+    student.load_adapter(v2.adapter, adapter_name="teacher", is_trainable=False)
+    student.set_adapter("default")
+    live = LiveTeachers(load_model(update["v1"]), student, K, 2.0)(live_batch)
+    obj = CompatObjective(CompatConfig(mask=mask))
+    with torch.no_grad():
+        loss_cache, s_cache = obj(student, cached)
+        loss_live, s_live = obj(student, live)
+    assert loss_cache.item() > 0
+    assert loss_cache.item() == pytest.approx(loss_live.item(), rel=2e-3, abs=1e-5)
+    assert s_cache["frac_v1"] == pytest.approx(s_live["frac_v1"], abs=1e-6)
+
+
+def dense_kl_bins(lp_teacher: torch.Tensor, ids: torch.Tensor, z: torch.Tensor, T: float) -> torch.Tensor:
+    """(K+1)-bin KL(p || softmax(z/T)) for one row, float64, written out by hand."""
+    logq = torch.log_softmax(z.double() / T, dim=-1)
+    p = lp_teacher.double().exp()
+    q_s = logq[ids].exp()
+    p_tail = (1 - p.sum()).clamp_min(0)
+    q_tail = (1 - q_s.sum()).clamp_min(1e-300)
+    kl = (p * (lp_teacher.double() - logq[ids])).sum()
+    if p_tail > 0:
+        kl = kl + p_tail * (p_tail.log() - q_tail.log())
+    return kl
+
+
+def test_golden_first_step_loss(update, tmp_path):
+    """The first logged training loss equals the paper's Eq. 2 computed independently, in
+    float64, from the cached teachers and the initial student (v2's task model)."""
+    cfg = TrainConfig(lr=1e-3, epochs=1, grad_accum=1, warmup_steps=0, batch_size=4, max_steps=2, seed=0)
+    train_compat_from_cache(update["cache"], tmp_path / "run", train_cfg=cfg, compat_cfg=CompatConfig())
+    rows = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if r["split"] == "train"][0]
+
+    reader = CacheReader(update["cache"])
+    batch = next(iter(reader.iter_batches("train", 4, temperature=2.0, shuffle=True, seed=0, epoch=0)))
+    model = load_model(update["v2"])
+    with torch.no_grad():
+        z = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    terms, wrong = [], []
+    B, Tn = batch["labels"].shape
+    for b in range(B):
+        for t in range(Tn):
+            y = int(batch["labels"][b, t])
+            if y == IGNORE_INDEX:
+                continue
+            m = int(torch.argmax(z[b, t])) != y  # paper Eq. 1
+            who = "v1" if m else "v2"
+            terms.append(dense_kl_bins(batch[f"{who}_logprobs"][b, t], batch[f"{who}_ids"][b, t].long(), z[b, t], 2.0))
+            wrong.append(m)
+    expected = torch.stack(terms).mean().item()
+    assert logged["loss"] == pytest.approx(expected, rel=1e-4)
+    assert logged["frac_v1"] == pytest.approx(sum(wrong) / len(wrong), abs=1e-6)
+
+
+def v1_top1_logprob(model, reader: CacheReader) -> float:
+    """Mean log-probability the model gives to v1's top-1 token (from the cache), validation."""
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for batch in reader.iter_batches("validation", 8, temperature=1.0, shuffle=False):
+            z = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            valid = batch["labels"] != IGNORE_INDEX
+            top1 = batch["v1_ids"].gather(-1, batch["v1_logprobs"].argmax(-1, keepdim=True))  # (B, T, 1)
+            lp = torch.log_softmax(z.float(), -1).gather(-1, top1.long()).squeeze(-1)  # (B, T)
+            total += float(lp[valid].sum())
+            n += int(valid.sum())
+    return total / n
+
+
+@pytest.mark.slow
+def test_full_tiny_run_moves_toward_v1(update, tmp_path):
+    """Aligning to v1 everywhere: the validation compat loss falls and the student puts more
+    probability on v1's top-1 tokens than v2's task model did."""
+    reader = CacheReader(update["cache"])
+    before = v1_top1_logprob(load_model(update["v2"]), reader)
+    cfg = TrainConfig(lr=2e-2, epochs=3, grad_accum=1, warmup_steps=0, batch_size=8, seed=0)
+    res = train_compat_from_cache(update["cache"], tmp_path / "run", train_cfg=cfg,
+                                  compat_cfg=CompatConfig(mask="always_v1"))
+    rows = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    val = [r["loss"] for r in rows if r["split"] == "validation"]
+    assert val[-1] < val[0]
+    assert all(r["frac_v1"] == 1.0 for r in rows if r["split"] == "train")
+    v2c = ModelSpec(update["v2"].base, str(tmp_path / "run"))
+    after = v1_top1_logprob(load_model(v2c), reader)
+    assert after > before + 0.05, (before, after)
+    side = json.loads((tmp_path / "run" / "muscle_adapter.json").read_text())
+    assert side["kind"] == "compat" and side["best_epoch"] == res.best_epoch
+
+
+def test_online_mode_trains(update, tmp_path):
+    cfg = TrainConfig(lr=1e-3, epochs=1, grad_accum=1, warmup_steps=0, batch_size=8, max_steps=2)
+    res = train_compat_online(update["v1"], update["v2"], DATA, tmp_path / "online", train_cfg=cfg, top_k=K)
+    assert res.state == "trained" and math.isfinite(res.best_val_loss)
+    assert (tmp_path / "online" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "online" / "teacher").exists()  # only the trained adapter is saved
+
+
+def test_bad_inputs(update, tmp_path):
+    only_v1 = tmp_path / "only_v1"
+    build_cache(only_v1, "v1", update["v1"], DATA, CACHE_CFG, progress=False)
+    with pytest.raises(MuscleError, match=r"no teacher 'v2'.*muscle-cache build --model v2"):
+        train_compat_from_cache(only_v1, tmp_path / "r1")
+    with pytest.raises(MuscleError, match="temperature 3.0 is not cached"):
+        train_compat_from_cache(update["cache"], tmp_path / "r2", compat_cfg=CompatConfig(temperature=3.0))
+    # the v2 task adapter recorded in the cache changed since the build
+    moved = tmp_path / "cache_copy"
+    shutil.copytree(update["cache"], moved)
+    adapter = Path(update["v2"].adapter)
+    backup = (adapter / "adapter_model.safetensors").read_bytes()
+    try:
+        (adapter / "adapter_model.safetensors").write_bytes(backup + b" ")
+        with pytest.raises(MuscleError, match="changed since"):
+            train_compat_from_cache(moved, tmp_path / "r3")
+    finally:
+        (adapter / "adapter_model.safetensors").write_bytes(backup)
+    with pytest.raises(MuscleError, match="unknown mask"):
+        CompatObjective(CompatConfig(mask="nope"))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_match_one_process_from_cache(update, tmp_path):
+    args = ["--cache", str(update["cache"]), "--epochs", "1", "--grad-accum", "1", "--warmup", "0", "--lr", "1e-2"]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "MUSCLE_DEBUG": "1"}
+    bindir = Path(sys.executable).parent
+    one = subprocess.run([str(bindir / "muscle-train"), *args, "--out", str(tmp_path / "one"), "--batch-size", "8"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([str(bindir / "torchrun"), "--nproc_per_node", "2", "--master_port", "29533", "-m",
+                          "muscle.cli.train", *args, "--out", str(tmp_path / "two"), "--batch-size", "4"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    def losses(d):
+        rows = [json.loads(x) for x in (d / "train_log.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if r["split"] == "validation"]
+
+    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), rel=1e-4)
