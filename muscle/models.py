@@ -84,6 +84,8 @@ def load_tokenizer(spec: ModelSpec):
         tok = AutoTokenizer.from_pretrained(base, **kwargs)
     except OSError as e:
         raise MuscleError(f"could not load the tokenizer of {base}: {e}".splitlines()[0]) from None
+    # muscle truncates examples itself (muscle.data); silence the tokenizer's own length warning.
+    tok.model_max_length = int(1e9)
     if tok.pad_token_id is None:
         # Padding positions are masked out everywhere; any id will do, EOS is the convention.
         tok.pad_token = tok.eos_token
