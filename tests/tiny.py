@@ -7,19 +7,22 @@ from functools import lru_cache
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# The project's curated task data sits beside the checkout (CI lays a copy of shared/ there).
 SHARED_DATA = REPO.parent / "shared" / "data"
+# PIQA and GSM8K also ship inside the package (muscle/embedded): the tokenizer corpus uses them.
+EMBEDDED_DATA = REPO / "muscle" / "embedded" / "data"
 
 
 def corpus_lines(n: int = 3000) -> list[str]:
     """Some real text for the tokenizer: PIQA goals/solutions and GSM8K questions."""
     out: list[str] = []
-    with (SHARED_DATA / "piqa" / "train.jsonl").open() as f:
+    with (EMBEDDED_DATA / "piqa" / "train.jsonl").open() as f:
         for i, line in enumerate(f):
             if i >= n:
                 break
             r = json.loads(line)
             out += [r["goal"], r["sol1"], r["sol2"]]
-    with (SHARED_DATA / "gsm8k" / "train.jsonl").open() as f:
+    with (EMBEDDED_DATA / "gsm8k" / "train.jsonl").open() as f:
         for i, line in enumerate(f):
             if i >= n // 4:
                 break
