@@ -9,6 +9,7 @@ PYTHON  := $(VENV)/bin/python
 # torch is pinned to the CPU build first: an unpinned torch pulls a multi-GB CUDA wheel.
 TORCH   ?= torch==2.13.0
 EXTRAS  ?= dev,gguf,evalharness
+DEEPSPEED ?= deepspeed==0.19.8
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 
 .PHONY: env test test-fast lint demo bench clean
@@ -20,6 +21,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH)"
 	$(PIP) install --quiet -e ".[$(EXTRAS)]"
+	# DeepSpeed is an sdist whose setup.py imports torch: build it against the torch above
+	# (with build isolation pip would fetch a second, CUDA torch just to build it).
+	$(PIP) install --quiet "setuptools>=70.1"
+	$(PIP) install --quiet --no-build-isolation "$(DEEPSPEED)"
 	rm -f $(VENV)/.installed-*
 	touch $@
 

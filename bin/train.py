@@ -96,6 +96,8 @@ def cli(**o) -> None:
 
         if not o["config_path"] or not o["task"]:
             raise click.UsageError("--online needs --config update.toml and --task")
+        if o["deepspeed_config"]:
+            raise click.UsageError("--deepspeed is for --task and --cache training, not --online")
         _, v1 = resolve_model(config=o["config_path"], model=o["v1_name"], dtype=o["dtype"])
         _, v2 = resolve_model(config=o["config_path"], model=o["v2_name"], dtype=o["dtype"])
         res = train_compat_online(v1, v2, data_cfg, o["out"], train_cfg=train_cfg, compat_cfg=compat_cfg,
@@ -113,7 +115,7 @@ def cli(**o) -> None:
         spec = type(spec)(spec.base, None, spec.revision, spec.gguf_file, spec.dtype)
     lora = LoraSpec(r=o["lora_r"], alpha=o["lora_alpha"], dropout=o["lora_dropout"])
     res = train_task_adapter(spec, data_cfg, o["out"], lora=lora, train_cfg=train_cfg,
-                             overwrite=o["overwrite"], device=o["device"])
+                             overwrite=o["overwrite"], device=o["device"], deepspeed_config=o["deepspeed_config"])
     click.echo(f"task adapter: {res.out_dir} (best epoch {res.best_epoch}, "
                f"validation loss {res.best_val_loss:.4f}){' [already done]' if res.state != 'trained' else ''}")
 

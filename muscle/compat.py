@@ -42,6 +42,7 @@ from muscle.train import (
     fit,
     pick_device,
     prepare_run_dir,
+    resolve_deepspeed_config,
     student_logits,
     valid_rows,
 )
@@ -155,16 +156,18 @@ def train_compat_from_cache(
     compat_cfg: CompatConfig = CompatConfig(),
     overwrite: bool = False,
     device: str | None = None,
-    deepspeed_config: str | None = None,
+    deepspeed_config: str | Path | dict | None = None,
     stop_after_steps: int | None = None,
 ) -> CompatResult:
-    """``muscle-train --cache``: everything comes from the cache (v2 base + adapter, tokens, teachers)."""
+    """``muscle-train --cache``: everything comes from the cache (v2 base + adapter, tokens, teachers).
+
+    ``deepspeed_config``: train through DeepSpeed (ZeRO 0-2), see :func:`muscle.train.fit`.
+    """
     from muscle.teacher_cache import CacheReader, cache_teacher_spec, check_teacher_provenance
 
-    if deepspeed_config is not None:
-        raise MuscleError("--deepspeed is not supported yet for compatibility training; use torchrun (DDP)")
     dev = pick_device(device)
     dinfo = distributed.init(dev)
+    ds = None if deepspeed_config is None else resolve_deepspeed_config(deepspeed_config, train_cfg, dinfo.world_size)
     reader = CacheReader(cache_path)
     for name in ("v1", "v2"):
         if name not in reader.teachers:
@@ -193,6 +196,8 @@ def train_compat_from_cache(
                 "cache_id": reader.meta.get("dataset_fingerprint"), "v2": describe_model(v2_spec),
                 "compat": to_dict(compat_cfg),
                 "train": {k: v for k, v in to_dict(train_cfg).items() if k not in ("checkpoint_every", "log_every")}}
+    if ds is not None:
+        identity["deepspeed"] = ds  # its checkpoints are ZeRO partitions: resume only the same way
     run, state = prepare_run_dir(out_dir, identity, overwrite=overwrite)
     if (done := _already_done(run, state)) is not None:
         return done
@@ -220,7 +225,7 @@ def train_compat_from_cache(
         save_adapter(model, run.path, sidecar | {"best_epoch": epoch, "validation": val})
 
     result = fit(model, CompatObjective(compat_cfg), data, train_cfg, run, save_best=save_best,
-                 device=dev, stop_after_steps=stop_after_steps)
+                 device=dev, stop_after_steps=stop_after_steps, deepspeed_config=ds)
     finish_run(run, result)
     return CompatResult(run.path, "trained", result.best_epoch, result.best_val_loss)
 

@@ -38,11 +38,22 @@ def dist_info() -> DistInfo:
     )
 
 
-def init(device: torch.device) -> DistInfo:
-    """Join the process group when launched by torchrun (gloo on CPU, nccl on CUDA)."""
+def init(device: torch.device, *, always: bool = False) -> DistInfo:
+    """Join the process group when launched by torchrun (gloo on CPU, nccl on CUDA).
+
+    ``always``: outside torchrun too, as a group of one (DeepSpeed needs a process group).
+    """
     info = dist_info()
-    if info.enabled and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if dist.is_initialized() or not (info.enabled or always):
+        return info
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if info.enabled:
+        dist.init_process_group(backend=backend)
+    else:  # a group of one, in-process; the environment as torchrun would set it (DeepSpeed reads it)
+        for name in ("RANK", "LOCAL_RANK"):
+            os.environ.setdefault(name, "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
     return info
 
 

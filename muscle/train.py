@@ -18,6 +18,7 @@ run is refused unless ``overwrite``.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -205,6 +206,11 @@ def save_checkpoint(run: RunDir, model, optimizer, scheduler, state: dict) -> No
         },
         tmp / "state.pt",
     )
+    commit_checkpoint(run, tmp)
+
+
+def commit_checkpoint(run: RunDir, tmp: Path) -> None:
+    """Replace ``.checkpoint`` by the complete ``tmp`` (a kill in between leaves ``.checkpoint.old``)."""
     old = run.path / (CKPT_DIR + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if run.ckpt.exists():
@@ -213,13 +219,18 @@ def save_checkpoint(run: RunDir, model, optimizer, scheduler, state: dict) -> No
     shutil.rmtree(old, ignore_errors=True)
 
 
+def checkpoint_file(run: RunDir, name: str) -> Path | None:
+    """``name`` in ``.checkpoint``, else in ``.checkpoint.old`` (killed between the two renames)."""
+    for d in (run.ckpt, run.path / (CKPT_DIR + ".old")):
+        if (d / name).is_file():
+            return d / name
+    return None
+
+
 def load_checkpoint(run: RunDir, model, optimizer, scheduler) -> dict | None:
-    path = run.ckpt / "state.pt"
-    if not path.is_file():
-        old = run.path / (CKPT_DIR + ".old") / "state.pt"  # killed between the two renames
-        if not old.is_file():
-            return None
-        path = old
+    path = checkpoint_file(run, "state.pt")
+    if path is None:
+        return None
     blob = torch.load(path, weights_only=False)
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -246,6 +257,171 @@ def append_log(run: RunDir, row: dict) -> None:
 
 def log_length(run: RunDir) -> int:
     return len(run.log_file.read_text().splitlines()) if run.log_file.is_file() else 0
+
+
+# ------------------------------------------------------------------------------ steppers
+
+
+class Stepper:
+    """Owns the optimizer: ``backward`` per micro-batch, ``step`` at each accumulation boundary.
+
+    Plain torch, wrapped in DDP under torchrun. :class:`DeepSpeedStepper` is the same contract
+    over a DeepSpeed engine.
+    """
+
+    def __init__(self, model, cfg: TrainConfig, total_steps: int, device: torch.device):
+        self.model, self.cfg, self.device = model, cfg, device
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, total_steps)
+        )
+        self.forward_model = self.wrap()  # what the objective calls
+
+    def wrap(self):
+        if not distributed.dist_info().enabled:
+            return self.model
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def backward(self, loss: torch.Tensor, boundary: bool) -> None:
+        (loss / self.cfg.grad_accum).backward()
+
+    def step(self) -> None:
+        if self.cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, run: RunDir, state: dict) -> None:
+        """Collective: every rank calls it."""
+        if distributed.dist_info().is_main:
+            save_checkpoint(run, self.model, self.optimizer, self.scheduler, state)
+        distributed.barrier()
+
+    def load(self, run: RunDir) -> dict | None:
+        return load_checkpoint(run, self.model, self.optimizer, self.scheduler)
+
+
+DS_TAG = "deepspeed"  # the checkpoint's sub-directory under .checkpoint/
+
+
+class DeepSpeedStepper(Stepper):
+    """The same loop over ``deepspeed.initialize`` (ZeRO 0-2) with our AdamW and schedule.
+
+    The loop tells the engine where accumulation boundaries are (the last micro-batch of an
+    epoch is one too), so DeepSpeed steps exactly when plain torch would. Checkpoints are
+    DeepSpeed's own (each rank writes its ZeRO partition of the optimizer state) in
+    ``.checkpoint/deepspeed/``, with the loop state as client state; the trainable parameters are
+    whole on every rank under ZeRO <= 2, so the adapter is saved from the plain model.
+    """
+
+    def __init__(self, model, cfg: TrainConfig, total_steps: int, device: torch.device, ds_config: str | Path | dict):
+        self.ds_config = ds_config
+        super().__init__(model, cfg, total_steps, device)
+
+    def wrap(self):
+        if self.device.type == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+
+        info = distributed.init(self.device, always=True)  # DeepSpeed needs a process group, even of one
+        config = resolve_deepspeed_config(self.ds_config, self.cfg, info.world_size)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.model, model_parameters=self.params, optimizer=self.optimizer,
+            lr_scheduler=self.scheduler, config=config,
+        )
+        return self.engine
+
+    def backward(self, loss: torch.Tensor, boundary: bool) -> None:
+        self.engine.set_gradient_accumulation_boundary(boundary)
+        self.engine.backward(loss)  # divides by gradient_accumulation_steps itself
+
+    def step(self) -> None:
+        self.engine.step()  # clips, steps the optimizer and the schedule, zeroes the grads
+
+    def save(self, run: RunDir, state: dict) -> None:
+        tmp = run.path / (CKPT_DIR + ".tmp")
+        if distributed.dist_info().is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        distributed.barrier()
+        self.engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state={"state": state, "rng": torch.get_rng_state()},
+                                    exclude_frozen_parameters=True)
+        distributed.barrier()
+        if distributed.dist_info().is_main:
+            commit_checkpoint(run, tmp)
+        distributed.barrier()
+
+    def load(self, run: RunDir) -> dict | None:
+        latest = checkpoint_file(run, "latest")
+        if latest is None:
+            return None
+        path, client = self.engine.load_checkpoint(str(latest.parent), tag=DS_TAG, load_module_strict=False)
+        if path is None:
+            raise MuscleError(f"cannot resume from {latest.parent}: DeepSpeed could not load it "
+                              "(another world size?); use --overwrite to start again")
+        torch.set_rng_state(client["rng"])
+        return client["state"]
+
+
+# Values TrainConfig owns; the DeepSpeed file may leave them out or say "auto".
+def _owned(cfg: TrainConfig, world_size: int) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": (cfg.batch_size, "--batch-size"),
+        "gradient_accumulation_steps": (cfg.grad_accum, "--grad-accum"),
+        "train_batch_size": (cfg.batch_size * cfg.grad_accum * world_size, "--batch-size x --grad-accum x ranks"),
+        "gradient_clipping": (float(cfg.max_grad_norm or 0.0), "max_grad_norm"),
+    }
+
+
+def resolve_deepspeed_config(src: str | Path | dict, cfg: TrainConfig, world_size: int = 1, *,
+                             check_installed: bool = True) -> dict:
+    """The DeepSpeed config of a run: the user's JSON (a path or a dict) with the values that
+    :class:`TrainConfig` owns filled in where it leaves them out or says ``"auto"``.
+
+    Refused with a :class:`MuscleError`: an unreadable file, ZeRO stage 3 (the adapter and
+    muscle's evaluation need whole parameters on every rank), an ``optimizer`` / ``scheduler``
+    section (muscle brings its AdamW and schedule: --lr, --warmup, --weight-decay), a value
+    that contradicts the training options, and (``check_installed``) DeepSpeed missing. Does
+    not import DeepSpeed.
+    """
+    if isinstance(src, dict):
+        user = src
+    else:
+        try:
+            user = json.loads(Path(src).read_text())
+        except OSError as e:
+            raise MuscleError(f"cannot read the DeepSpeed config {src}: {e.strerror or e}") from None
+        except json.JSONDecodeError as e:
+            raise MuscleError(f"the DeepSpeed config {src} is not valid JSON: {e}") from None
+    if not isinstance(user, dict):
+        raise MuscleError("the DeepSpeed config must be a JSON object")
+    for key in ("optimizer", "scheduler"):
+        if key in user:
+            raise MuscleError(f"remove {key!r} from the DeepSpeed config: muscle supplies its own AdamW "
+                              "and warmup/decay schedule (--lr, --warmup, --weight-decay)")
+    zero = user.get("zero_optimization") or {}
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else None
+    if stage not in (0, 1, 2):
+        raise MuscleError(f"DeepSpeed ZeRO stage {stage!r} is not supported: use stage 0, 1 or 2 "
+                          "(stage 3 shards the parameters; the adapter is trained and saved whole)")
+    out = dict(user)
+    for key, (value, option) in _owned(cfg, world_size).items():
+        given = user.get(key, "auto")
+        if given == "auto":
+            out[key] = value
+        elif given != value:
+            raise MuscleError(f"the DeepSpeed config sets {key}={given!r} but the run has {value!r} "
+                              f"({option}): set it with the muscle option, or write \"auto\"")
+    if check_installed and importlib.util.find_spec("deepspeed") is None:
+        raise MuscleError("--deepspeed needs DeepSpeed: pip install --no-build-isolation 'muscle-llm[distributed]'")
+    return out
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -297,29 +473,26 @@ def fit(
     save_best: Callable[[int, dict], None],
     device: torch.device,
     stop_after_steps: int | None = None,
+    deepspeed_config: str | Path | dict | None = None,
 ) -> FitResult:
     """Train ``model``'s trainable parameters; keep the best epoch by validation loss.
 
     ``save_best(epoch, val_stats)`` is called whenever an epoch improves the validation loss.
     ``stop_after_steps`` simulates a crash after that many optimizer steps (tests of resume).
+    ``deepspeed_config`` (a JSON path or dict, ZeRO 0-2) steps through DeepSpeed instead of
+    plain torch / DDP (see :class:`DeepSpeedStepper`).
     """
     info = distributed.dist_info()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step_model = model
-    if info.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
-        step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     steps_per_epoch = max(1, math.ceil(data.batches_per_epoch / cfg.grad_accum))
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, total_steps)
-    )
+    if deepspeed_config is None:
+        stepper = Stepper(model, cfg, total_steps, device)
+    else:
+        stepper = DeepSpeedStepper(model, cfg, total_steps, device, deepspeed_config)
     state = {"epoch": 0, "batch": 0, "step": 0, "best_val": math.inf, "best_epoch": -1, "log_lines": 0}
-    resumed = load_checkpoint(run, model, optimizer, scheduler)
+    resumed = stepper.load(run)
     if resumed is not None:
         state = resumed
         truncate_log(run, state["log_lines"])
@@ -332,33 +505,28 @@ def fit(
     def checkpoint() -> None:
         if info.is_main:
             state["log_lines"] = log_length(run)
-            save_checkpoint(run, model, optimizer, scheduler, state)
-        distributed.barrier()
+        stepper.save(run, state)
 
     while state["epoch"] < cfg.epochs and state["step"] < total_steps:
         epoch = state["epoch"]
         for batch in data.train(epoch, state["batch"]):
             batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-            loss, stats = objective(step_model, batch)
+            loss, stats = objective(stepper.forward_model, batch)
             weight = distributed.token_weight(stats.get("n_tokens", 1.0), device)
-            (loss * (weight / cfg.grad_accum)).backward()
             micro += 1
             state["batch"] += 1
+            boundary = micro >= cfg.grad_accum or state["batch"] >= data.batches_per_epoch
+            stepper.backward(loss * weight, boundary)
             tokens_seen += stats.get("n_tokens", 0.0)
             for k, v in stats.items():
                 acc_stats[k] = acc_stats.get(k, 0.0) + v
-            last_of_epoch = state["batch"] >= data.batches_per_epoch
-            if micro < cfg.grad_accum and not last_of_epoch:
+            if not boundary:
                 continue
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            stepper.step()
             state["step"] += 1
             row = {k: v / micro for k, v in acc_stats.items() if k != "n_tokens"}
             row |= {"split": "train", "step": state["step"], "epoch": epoch,
-                    "lr": scheduler.get_last_lr()[0], "n_tokens": acc_stats.get("n_tokens", 0.0),
+                    "lr": stepper.lr, "n_tokens": acc_stats.get("n_tokens", 0.0),
                     "tokens_per_s": tokens_seen / max(time.perf_counter() - t0, 1e-9)}
             micro, acc_stats = 0, {}
             if state["step"] % cfg.log_every == 0 and info.is_main:
@@ -433,15 +601,17 @@ def train_task_adapter(
     overwrite: bool = False,
     device: str | None = None,
     stop_after_steps: int | None = None,
+    deepspeed_config: str | Path | dict | None = None,
 ) -> TaskTrainResult:
     """``muscle-train --task``: a LoRA task adapter on ``model.base`` with cross-entropy.
 
     ``model.adapter``, if given, initialises the adapter (continued training) instead of a fresh
-    LoRA.
+    LoRA. ``deepspeed_config``: train through DeepSpeed (ZeRO 0-2), see :func:`fit`.
     """
     task = get_task(data_cfg.task)
     dev = pick_device(device)
     dinfo = distributed.init(dev)
+    ds = None if deepspeed_config is None else resolve_deepspeed_config(deepspeed_config, train_cfg, dinfo.world_size)
     tok = load_tokenizer(model)
     train_ex = load_examples(task, "train", source=data_cfg.source, data_dir=data_cfg.data_dir,
                              val_fraction=data_cfg.val_fraction, split_seed=data_cfg.split_seed,
@@ -460,6 +630,8 @@ def train_task_adapter(
         "lora": to_dict(lora),
         "train": {k: v for k, v in to_dict(train_cfg).items() if k not in ("checkpoint_every", "log_every")},
     }
+    if ds is not None:
+        identity["deepspeed"] = ds  # its checkpoints are ZeRO partitions: resume only the same way
     run, run_state = prepare_run_dir(out_dir, identity, overwrite=overwrite)
     if run_state == "done":
         info = run.read_run()
@@ -505,6 +677,6 @@ def train_task_adapter(
         save_adapter(peft_model, run.path, sidecar_base | {"best_epoch": epoch, "validation": val})
 
     result = fit(peft_model, CrossEntropyObjective(), data, train_cfg, run, save_best=save_best,
-                 device=dev, stop_after_steps=stop_after_steps)
+                 device=dev, stop_after_steps=stop_after_steps, deepspeed_config=ds)
     finish_run(run, result)
     return TaskTrainResult(run.path, "trained", result.best_epoch, result.best_val_loss)
