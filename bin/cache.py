@@ -101,6 +101,10 @@ def build_cmd(**o) -> None:
         hf_logging.disable_progress_bar()
     res = build_cache(o["out"], name, spec, data, cfg, overwrite=o["overwrite"],
                       device=o["device"], dtype=o["dtype"], progress=not o["quiet"])
+    if res.extra.get("skipped"):
+        click.echo(f"teacher {name} is already complete in {res.path} (same model): nothing to do; "
+                   "--overwrite rebuilds it")
+        return
     what = "resumed and finished" if res.resumed else "built"
     click.echo(f"{what} teacher {name} in {res.path}: {res.n_tokens:,} tokens, "
                f"{res.n_examples:,} examples, {res.units_built}/{res.units_total} shards this "

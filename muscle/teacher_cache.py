@@ -694,9 +694,16 @@ def build_cache(
             data = replace(data, max_length=meta["data_config"]["max_length"])
         tmeta = _existing_teacher(path, name) if meta is not None else None
         if tmeta is not None and tmeta.get("complete") and not overwrite:
-            raise MuscleError(
-                f"teacher {name!r} is already complete in {path}: pass --overwrite to rebuild it"
-            )
+            # The same command run again is a no-op (pipelines re-run finished stages); a
+            # complete teacher of another model under this name needs --overwrite.
+            if tmeta.get("model", {}) != describe_model(spec) | {"dtype": spec.dtype}:
+                raise MuscleError(
+                    f"teacher {name!r} is already complete in {path}, built from another model "
+                    f"({tmeta.get('model', {}).get('base')}, adapter "
+                    f"{tmeta.get('model', {}).get('adapter')}): pass --overwrite to rebuild it"
+                )
+            return BuildResult(path, name, 0, 0, 0, 0, time.time() - t_start, 0.0,
+                               extra={"skipped": True})
 
         # --- the teacher and the token stream
         model = load_model(spec, device)

@@ -55,7 +55,7 @@ def test_build_inspect_verify(setup, capsys):
     [
         (["--model", "v3"], "unknown model 'v3'"),
         (["--model", "v1", "--k", "100000", "--out", "{fresh}"], "larger than the vocabulary"),
-        (["--model", "v1"], "already complete"),
+        (["--model", "v2", "--name", "v1"], "built from another model"),
         (["--model", "v2", "--k", "8"], "its K"),
     ],
 )
@@ -66,6 +66,15 @@ def test_build_errors_are_one_line(setup, capsys, args, match):
     assert code == 2
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: ") and match in last
+
+
+def test_rebuilding_a_complete_teacher_is_a_no_op(setup, capsys):
+    ref = setup["ref"]
+    before = {p: p.stat().st_mtime_ns for p in ref.rglob("*") if p.is_file()}
+    code, out, _ = run_main(["build", "--config", str(setup["config"]), "--out", str(ref), *COMMON,
+                             "--model", "v1"], capsys)
+    assert code == 0 and "already complete" in out and "nothing to do" in out
+    assert {p: p.stat().st_mtime_ns for p in ref.rglob("*") if p.is_file()} == before
 
 
 def test_verify_unknown_teacher(setup, capsys):
