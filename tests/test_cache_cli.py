@@ -14,7 +14,7 @@ import pytest
 from test_teacher_cache import assert_same_cache
 
 from muscle.cli.cache import main
-from tiny import SHARED_DATA, make_model_dir
+from tiny import SHARED_DATA, make_model_dir, run_cli_main
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = ["--task", "piqa", "--data-dir", str(SHARED_DATA), "--max-examples", "40", "--k", "16",
@@ -34,12 +34,7 @@ def setup(tmp_path_factory):
 
 
 def run_main(args, capsys):
-    try:
-        code = main(args)
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_cli_main(main, args, capsys)
 
 
 def test_build_inspect_verify(setup, capsys):

@@ -18,6 +18,7 @@ from muscle.predictions import (
     read_predictions,
     write_meta,
 )
+from tiny import run_cli_main
 
 TARGETS = [0, 0, 2, 1, 1, 0]
 PREDS = {  # v1 -> v2: 1 gain, 1 regression, 1 both-wrong change (see test_metrics.py)
@@ -50,13 +51,7 @@ def files(tmp_path):
 
 
 def run_main(args, capsys):
-    """main() in-process: (exit code, stdout, stderr)."""
-    try:
-        code = main(args)
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_cli_main(main, args, capsys)
 
 
 # ------------------------------------------------------------------------ the file contract

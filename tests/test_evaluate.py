@@ -16,7 +16,7 @@ from muscle.data import split_context_answer
 from muscle.models import attach_lora, base_fingerprint, load_model, load_tokenizer, save_adapter
 from muscle.predictions import meta_path, read_meta, read_predictions
 from muscle.tasks import get_task, load_examples
-from tiny import SHARED_DATA, make_model_dir
+from tiny import SHARED_DATA, make_model_dir, run_cli_main
 
 DATA = str(SHARED_DATA)
 
@@ -296,12 +296,7 @@ def test_adapter_of_another_base_is_refused_before_writing(base_dir, other_base_
 
 
 def run_main(args, capsys):
-    try:
-        code = main(args)
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_cli_main(main, args, capsys)
 
 
 def test_cli_predict_with_an_update_config(base_dir, tmp_path, capsys):

@@ -69,3 +69,13 @@ def make_model_dir(path: Path, *, seed: int = 0, hidden: int = 64, layers: int =
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def run_cli_main(main, args, capsys):
+    """Call a muscle CLI entry point in-process: (exit code, stdout, stderr)."""
+    try:
+        code = main(args)
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
