@@ -208,8 +208,11 @@ def test_refuses_other_tokenizer_and_needs_overwrite(cache, models, tmp_path):
     other = make_model_dir(tmp_path / "other", seed=3, vocab_size=500)
     with pytest.raises(MuscleError, match="tokenizer fingerprint"):
         build(cache, other, "v3")
-    with pytest.raises(MuscleError, match="already complete.*--overwrite"):
-        build(cache, models["m1"], "v1")
+    # the same teacher again: a no-op; another model under its name: refused without --overwrite
+    again = build(cache, models["m1"], "v1")
+    assert again.extra.get("skipped") and again.units_built == 0
+    with pytest.raises(MuscleError, match="already complete.*another model.*--overwrite"):
+        build(cache, models["m2"], "v1")
 
 
 def test_k_larger_than_vocabulary(models, tmp_path):
