@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import platform
 import shutil
 import sys
 import tempfile
@@ -34,7 +33,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
+from bench_common import cpu_name  # noqa: E402
+
 from muscle.config import DataConfig, ModelSpec  # noqa: E402
+from muscle.models import save_plain_checkpoint  # noqa: E402
 from muscle.teacher_cache import (  # noqa: E402
     CacheConfig,
     CacheReader,
@@ -54,15 +56,7 @@ CODECS = {"zstd5+shuffle": ("zstd", 5, "shuffle"), "lz4-5+shuffle": ("lz4", 5, "
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu} x{torch.get_num_threads()} threads"
+    return f"{cpu_name()} x{torch.get_num_threads()} threads"
 
 
 def model_dir(args, tmp: Path) -> Path:
@@ -73,17 +67,7 @@ def model_dir(args, tmp: Path) -> Path:
     # SmolLM2-135M GGUF -> a plain checkpoint dir (DESIGN §7), cached next to the gguf file.
     out = Path(args.gguf).with_suffix(".hf")
     if not (out / "config.json").is_file():
-        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-
-        g = Path(args.gguf)
-        m = AutoModelForCausalLM.from_pretrained(g.parent, gguf_file=g.name, dtype=torch.float32)
-        cfg = m.config
-        if hasattr(cfg, "quantization_config"):
-            del cfg.quantization_config
-        fresh = LlamaForCausalLM(cfg)
-        fresh.load_state_dict(m.state_dict())
-        fresh.save_pretrained(out)
-        AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name).save_pretrained(out)
+        save_plain_checkpoint(ModelSpec(args.gguf), out)
     return out
 
 

@@ -38,7 +38,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -63,16 +62,9 @@ TEMPERATURE = 2.0
 
 def machine() -> str:
     import torch
+    from bench_common import cpu_name
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu} x{torch.get_num_threads()} threads"
+    return f"{cpu_name()} x{torch.get_num_threads()} threads"
 
 
 def proc_status_mb(key: str) -> float | None:
@@ -124,8 +116,6 @@ def smol_base() -> Path:
     # Derive the plain checkpoint from the GGUF (DESIGN §7) into /tmp/bench_smol.
     import glob
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     ggufs = sorted(glob.glob(SMOL_GGUF_GLOB))
     if not ggufs:
@@ -136,14 +126,10 @@ def smol_base() -> Path:
     g = Path(ggufs[0])
     out = Path("/tmp/bench_smol/base-v1")
     if not (out / "config.json").is_file():
-        m = AutoModelForCausalLM.from_pretrained(g.parent, gguf_file=g.name, dtype=torch.float32)
-        cfg = m.config
-        if hasattr(cfg, "quantization_config"):
-            del cfg.quantization_config
-        fresh = LlamaForCausalLM(cfg)
-        fresh.load_state_dict(m.state_dict())
-        fresh.save_pretrained(out)
-        AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name).save_pretrained(out)
+        from muscle.config import ModelSpec
+        from muscle.models import save_plain_checkpoint
+
+        save_plain_checkpoint(ModelSpec(str(g)), out)
     return out
 
 

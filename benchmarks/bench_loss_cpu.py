@@ -24,7 +24,6 @@ import csv
 import datetime as dt
 import json
 import os
-import platform
 import re
 import resource
 import statistics
@@ -40,17 +39,10 @@ PROVIDERS = ("torch", "chunked")
 
 
 def machine() -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import torch
+    from bench_common import cpu_name
 
-    return f"{name} / {os.cpu_count()} cpus / {torch.get_num_threads()} threads"
+    return f"{cpu_name()} / {os.cpu_count()} cpus / {torch.get_num_threads()} threads"
 
 
 # ----------------------------------------------------------------------------------------------

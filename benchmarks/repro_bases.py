@@ -37,22 +37,11 @@ def build_v1(out: Path) -> None:
     if (out / "model.safetensors").is_file():
         print(f"v1 exists: {out}")
         return
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from muscle.config import ModelSpec
+    from muscle.models import save_plain_checkpoint
+
     src, gguf = find_v1_source()
-    kw = {"gguf_file": gguf} if gguf else {}
-    tok = AutoTokenizer.from_pretrained(src, **kw)
-    m = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kw)
-    cfg = m.config
-    if hasattr(cfg, "quantization_config"):
-        del cfg.quantization_config
-    fresh = LlamaForCausalLM(cfg).to(torch.float32)
-    fresh.load_state_dict(m.state_dict(), strict=False)
-    fresh.tie_weights()
-    tmp = out.with_suffix(".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    fresh.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    tmp.rename(out)
+    save_plain_checkpoint(ModelSpec(str(src), gguf_file=gguf), out)
     print(f"v1 written: {out} (from {src}{'/' + gguf if gguf else ''})")
 
 

@@ -256,12 +256,9 @@ def train_walls(tdir: Path) -> dict:
 
 def machine() -> dict:
     import torch
-    cpu = ""
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except Exception:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+    from bench_common import cpu_name
+
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
             "note": "2 cores shared with other jobs; all runs under nice -n 10, so wall times are upper bounds"}
 
 

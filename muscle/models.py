@@ -124,6 +124,25 @@ def _dequantized_copy(model, dtype: torch.dtype):
     return fresh
 
 
+def save_plain_checkpoint(spec: ModelSpec, out_dir: str | Path) -> Path:
+    """Write ``spec``'s base (e.g. a quantized GGUF file) as a plain float32 HF checkpoint +
+    tokenizer, so later loads skip the slow GGUF path (DESIGN §7). Atomic: temp dir, then rename.
+    """
+    from transformers import AutoTokenizer
+
+    out_dir = Path(out_dir)
+    base, gguf = _split_gguf(spec)
+    model = load_base(ModelSpec(spec.base, None, spec.revision, spec.gguf_file, "float32"))
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    tok = AutoTokenizer.from_pretrained(base, **kwargs)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(out_dir)
+    return out_dir
+
+
 def attach_lora(model, lora: LoraSpec):
     """A fresh, trainable LoRA on every linear layer (paper Table 7 defaults)."""
     from peft import LoraConfig, get_peft_model
