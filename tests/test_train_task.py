@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from muscle.cli.train import main as train_main
 from muscle.config import DataConfig, LoraSpec, ModelSpec, TrainConfig
-from muscle.train import read_log, train_task_adapter
+from muscle.train import RunDir, read_log, train_task_adapter
 from tiny import SHARED_DATA, make_model_dir
 
 LORA = LoraSpec(r=8, alpha=16)
@@ -39,7 +39,7 @@ def trained(base_dir, tmp_path_factory):
 
 def test_training_lowers_validation_loss(trained):
     out, res = trained
-    val = [r["loss"] for r in read_log(type("R", (), {"log_file": out / "train_log.jsonl"})()) if r["split"] == "validation"]
+    val = [r["loss"] for r in read_log(RunDir(out)) if r["split"] == "validation"]
     assert len(val) == 3
     assert val[-1] < val[0] - 0.05, val
     assert res.best_epoch == min(range(3), key=lambda i: val[i])
@@ -84,7 +84,7 @@ def test_resume_after_interruption_equals_uninterrupted(base_dir, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
-    steps = [r["step"] for r in read_log(type("R", (), {"log_file": part / "train_log.jsonl"})()) if r["split"] == "train"]
+    steps = [r["step"] for r in read_log(RunDir(part)) if r["split"] == "train"]
     assert steps == sorted(set(steps))  # no duplicated log rows after resume
     # a finished run re-run with the same command is a no-op
     again = train_task_adapter(ModelSpec(str(base_dir)), DATA, part, lora=LORA, train_cfg=c)
