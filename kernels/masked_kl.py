@@ -2,19 +2,22 @@
 
 Layering, as in Liger-Kernel: ``_masked_kl_fwd_kernel`` (jit, one program per row) ->
 ``masked_kl_forward`` (launcher: validation, block sizes, allocation) -> ``MaskedKLFunction``
-(autograd; the forward computes the gradient, backward only scales it) -> ``masked_kl_triton``.
+(autograd; the forward computes the gradient, backward only scales it, with
+``_scale_rows_kernel``) -> ``masked_kl_triton``.
 
 Per row i (label y, student logits z, temperature T, q = softmax(z / T)) the kernel:
 
 1. sweeps the vocabulary once in BLOCK_V blocks: online max and sum-exp of z / T (and of z for
-   the CE term), and the running argmax of z (lowest id on ties) for the "v2c_wrong" mask;
+   the CE term, squared from the same exp when T = 2), and the running argmax of z (lowest id
+   on ties) for the "v2c_wrong" mask;
 2. picks the teacher (m_i = 1 -> v1), gathers z at its K ids and computes
    KL_S(p || q) = sum_S p (lp - log q) + p_tail (log p_tail - log q_tail);
    log q_tail = log(1 - sum_S q) when that is >= 2^-10 (cancellation costs < ~1e-4 relative),
    otherwise exactly, in log space, by a sum-exp over the complement of S (a second read of the
    row; rare: the student must put > 99.9% of its tempered mass on the teacher's top-K);
 3. sweeps again writing the gradient of the per-row loss, scaled by its final weight: the
-   "j not in S" formula (q_j / T)(P - p_tail / q_tail) everywhere (plus the CE gradient), then,
+   "j not in S" formula (q_j / T)(P - p_tail / q_tail) everywhere, one exp per element (plus
+   the CE gradient when ce_weight > 0), then,
    after a barrier, overwrites the K entries of S with (P q_j - p_j) / T (plus CE). P =
    sum_S p + p_tail is 1 up to rounding of the stored log-probs (DESIGN §4's closed form);
    keeping it makes the gradient the exact derivative of the returned loss, as
@@ -24,6 +27,8 @@ The row is read twice and written once (three times read in the rare exact-tail 
 gradient goes into the logits buffer itself by default (``inplace_backward=True``, as Liger's
 cross-entropy does): the caller's logits tensor is overwritten, so do not reuse it after the
 call. Accumulation is float32 for every input dtype; the gradient is stored in z's dtype.
+Neither forward nor backward synchronizes with the host: the mean's 1 / n_valid is read by the
+kernel from a device tensor, and backward's "is grad_output 1?" is decided on the device.
 
 Assumptions: teacher ids are unique within a row (duplicates would be counted twice in sum_S and
 the fix-up pass would write the same entry twice) and lie in [0, V); labels lie in [0, V) or
@@ -71,12 +76,16 @@ def _masked_kl_fwd_kernel(
     V,
     ignore_index,
     inv_T,  # 1 / T
-    kl_w,  # gradient weight of the KL term: (1 - ce_weight) * (T^2 if t2_scale) / n_valid
-    ce_w,  # gradient weight of the CE term: ce_weight / n_valid
+    n_valid_ptr,  # () int64 count of non-ignored rows, read on the device: no host sync
+    kl_w,  # gradient weight of the KL term before / n_valid: (1 - ce_weight) * (T^2 if t2_scale)
+    ce_w,  # gradient weight of the CE term before / n_valid: ce_weight
     tail_exact_below,
     MASK_ARGMAX: tl.constexpr,  # mask = (argmax z != y), known only after the first sweep
-    COMPUTE_CE: tl.constexpr,
+    COMPUTE_CE: tl.constexpr,  # per-row CE (the loss term or only the logged statistic)
+    CE_POW: tl.constexpr,  # exp(z - m) from sweep 1's exp((z - m) / T): 1 (T == 1), 2 (T == 2), 0
+    CE_GRAD: tl.constexpr,  # the CE term enters the gradient (ce_weight > 0)
     COMPUTE_GRAD: tl.constexpr,
+    EVICT_HINTS: tl.constexpr,  # keep the row in L2 between the two sweeps
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_C: tl.constexpr,  # vocab block of the exact-tail sweep (BLOCK_C x BLOCK_K compare)
@@ -106,7 +115,13 @@ def _masked_kl_fwd_kernel(
     amax = 0
     for start in range(0, V, BLOCK_V):
         cols = start + offs
-        x = tl.load(z_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        if EVICT_HINTS:
+            # sweep 2 reads this row again soon: ask L2 to keep it
+            x = tl.load(
+                z_row + cols, mask=cols < V, other=float("-inf"), eviction_policy="evict_last"
+            ).to(tl.float32)
+        else:
+            x = tl.load(z_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
         bmax = tl.max(x, 0)
         if MASK_ARGMAX:
             barg = tl.argmax(x, 0, tie_break_left=True)
@@ -114,9 +129,17 @@ def _masked_kl_fwd_kernel(
             amax = tl.where(bmax > m, start + barg, amax)
         m_new = tl.maximum(m, bmax)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: no NaN
-        s_t = s_t * tl.exp((m - m_safe) * inv_T) + tl.sum(tl.exp((x - m_safe) * inv_T), 0)
+        e_t = tl.exp((x - m_safe) * inv_T)  # (BLOCK_V,) the one exp per element of this sweep
+        s_t = s_t * tl.exp((m - m_safe) * inv_T) + tl.sum(e_t, 0)
         if COMPUTE_CE:
-            s_1 = s_1 * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), 0)
+            # exp(z - m) = exp((z - m) / T)^T: no second exp when T is 1 or 2
+            if CE_POW == 1:
+                e_1 = e_t
+            elif CE_POW == 2:
+                e_1 = e_t * e_t
+            else:
+                e_1 = tl.exp(x - m_safe)
+            s_1 = s_1 * tl.exp(m - m_safe) + tl.sum(e_1, 0)
         m = m_new
     log_s_t = tl.log(s_t)  # log q_j = (z_j - m) / T - log_s_t: shifted, so exact for |z| ~ 1e4
 
@@ -204,24 +227,79 @@ def _masked_kl_fwd_kernel(
         tail_coef = tl.where(use_tail, p_tail, 0.0)
         big_p = tl.sum(p, 0) + tail_coef
         lqt = tl.where(use_tail, log_q_tail, 0.0)
-        kl_wt = kl_w * inv_T
+        inv_n = 1.0 / tl.maximum(tl.load(n_valid_ptr).to(tl.float32), 1.0)
+        kl_wt = kl_w * inv_n * inv_T
+        ce_wn = ce_w * inv_n
+        # One exp per element: g_j = kl_wt * coef * exp(lq_j + shift), with per-row scalars.
+        # Usually shift = 0 and coef = P - p_tail / q_tail. When q_tail < e^-64, 1 / q_tail
+        # would overflow: shift = -log q_tail and coef = P q_tail - p_tail instead (the same
+        # product; exp(lq_j + shift) = q_j / q_tail <= 1 off S).
+        tiny_tail = lqt < -64.0
+        shift = tl.where(tiny_tail, -lqt, 0.0)
+        coef = tl.where(
+            tiny_tail,
+            big_p * tl.exp(lqt) - tail_coef,
+            big_p - tail_coef * tl.exp(tl.where(tiny_tail, 0.0, -lqt)),
+        )
+        a_kl = kl_wt * coef
+        base = shift - log_s_t  # lq_j + shift = (x_j - m) / T + base (x - m first: exact)
         for start in range(0, V, BLOCK_V):
             cols = start + offs
             vmask = cols < V
-            x = tl.load(z_row + cols, mask=vmask, other=float("-inf")).to(tl.float32)
-            lq = (x - m) * inv_T - log_s_t
-            g = kl_wt * (big_p * tl.exp(lq) - tail_coef * tl.exp(lq - lqt))
-            if COMPUTE_CE:
-                g += ce_w * (tl.exp(x - m - log_s_1) - tl.where(cols == y, 1.0, 0.0))
+            if EVICT_HINTS:
+                # last use of this row: let it leave L2 first
+                x = tl.load(
+                    z_row + cols, mask=vmask, other=float("-inf"), eviction_policy="evict_first"
+                ).to(tl.float32)
+            else:
+                x = tl.load(z_row + cols, mask=vmask, other=float("-inf")).to(tl.float32)
+            # entries of S may exceed 1 here (overwritten below): cap before exp, never inf
+            g = a_kl * tl.exp(tl.minimum((x - m) * inv_T + base, 64.0))
+            if CE_GRAD:
+                g += ce_wn * (tl.exp(x - m - log_s_1) - tl.where(cols == y, 1.0, 0.0))
             tl.store(g_row + cols, g.to(g_row.dtype.element_ty), mask=vmask)
         # The fix-up below rewrites entries that other threads of this program just wrote:
         # order the two writes (and, in place, our reads of z above) with a CTA barrier.
         tl.debug_barrier()
         # ---- fix-up: entries in S get (P q_j - p_j) / T -------------------------------------
         gs = kl_wt * (big_p * q - p)
-        if COMPUTE_CE:
-            gs += ce_w * (tl.exp(zs - m - log_s_1) - tl.where(ids == y, 1.0, 0.0))
+        if CE_GRAD:
+            gs += ce_wn * (tl.exp(zs - m - log_s_1) - tl.where(ids == y, 1.0, 0.0))
         tl.store(g_row + ids, gs.to(g_row.dtype.element_ty), mask=kmask)
+
+
+@triton.jit
+def _scale_rows_kernel(
+    g_ptr,  # (N, V) gradient, scaled in place
+    g_stride,
+    s_ptr,  # () float32 scale (autograd's grad_output)
+    V,
+    BLOCK_V: tl.constexpr,
+):
+    # The usual loss.backward() passes 1: every program returns after one scalar load, so the
+    # check costs one tiny launch instead of a host sync (torch.equal) or an (N, V) pass.
+    s = tl.load(s_ptr)
+    if s != 1.0:
+        g_row = g_ptr + tl.program_id(0).to(tl.int64) * g_stride
+        offs = tl.arange(0, BLOCK_V)
+        for start in range(0, V, BLOCK_V):
+            cols = start + offs
+            vmask = cols < V
+            g = tl.load(g_row + cols, mask=vmask, other=0.0).to(tl.float32)
+            tl.store(g_row + cols, (g * s).to(g_row.dtype.element_ty), mask=vmask)
+
+
+def scale_grad_inplace(grad: torch.Tensor, scale: torch.Tensor) -> None:
+    """grad (N, V) *= scale (one element), in float32, without a host sync."""
+    N, V = grad.shape
+    if N == 0:
+        return
+    if grad.stride(-1) != 1:  # never for the kernel's own buffers; kept for direct callers
+        grad.mul_(scale.to(grad.dtype))
+        return
+    s = scale.detach().reshape(()).to(device=grad.device, dtype=torch.float32)
+    block_v, _, _, num_warps = _pick_blocks(V, 1)
+    _scale_rows_kernel[(N,)](grad, grad.stride(0), s, V, BLOCK_V=block_v, num_warps=num_warps)
 
 
 def _next_pow2(n: int) -> int:
@@ -246,6 +324,17 @@ def _pick_blocks(V: int, K: int) -> tuple[int, int, int, int]:
     # keep the (BLOCK_C, BLOCK_K) membership tile at ~8k elements: no register spills
     block_c = max(16, min(_next_pow2(V), 8192 // block_k))
     return block_v, block_k, block_c, num_warps
+
+
+def _ce_pow(temperature: float) -> int:
+    """How sweep 1 gets exp(z - m) from exp((z - m) / T): 1 = the same, 2 = its square,
+    0 = a second exp (any other T)."""
+    return {1.0: 1, 2.0: 2}.get(float(temperature), 0)
+
+
+def _evict_hints() -> bool:
+    """L2 eviction hints on the two sweeps (MUSCLE_KL_EVICT=0 turns them off, for A/B runs)."""
+    return os.environ.get("MUSCLE_KL_EVICT", "1") != "0"
 
 
 def _resolve_mask(mask, labels, v1_ids, v1_logprobs) -> tuple[bool, torch.Tensor | None]:
@@ -337,12 +426,12 @@ def masked_kl_forward(
         compute_ce = ce_weight > 0
     compute_ce = bool(compute_ce or ce_weight > 0)
     valid = labels != ignore_index
-    n_valid = valid.sum()
-    # One host sync: the per-element gradient weight needs 1/n_valid (Liger's CE does the same).
-    denom = max(int(n_valid.item()), 1)
+    # The 1 / n_valid of the mean stays on the device (the kernel reads the count): no host
+    # sync, so the CPU keeps queueing work ahead of the GPU as in the rest of a training step.
+    n_valid = valid.sum()  # () int64
     t2 = temperature * temperature if t2_scale else 1.0
-    kl_coef = (1.0 - ce_weight) * t2 / denom
-    ce_coef = ce_weight / denom
+    kl_coef = (1.0 - ce_weight) * t2
+    ce_coef = ce_weight
 
     if compute_grad:
         grad = z if inplace_backward else torch.empty_like(z)
@@ -375,12 +464,16 @@ def masked_kl_forward(
             V,
             ignore_index,
             1.0 / temperature,
+            n_valid,
             kl_coef,
             ce_coef,
             _TAIL_EXACT_BELOW,
             MASK_ARGMAX=mask_argmax,
             COMPUTE_CE=compute_ce,
+            CE_POW=_ce_pow(temperature),
+            CE_GRAD=compute_grad and ce_weight > 0,
             COMPUTE_GRAD=compute_grad,
+            EVICT_HINTS=_evict_hints(),
             BLOCK_V=block_v,
             BLOCK_K=block_k,
             BLOCK_C=block_c,
@@ -389,6 +482,7 @@ def masked_kl_forward(
     loss = kl_coef * kl_rows.sum()
     if ce_weight > 0:
         loss = loss + ce_coef * ce_rows.sum()
+    loss = loss / n_valid.clamp(min=1)
     rows = {
         "kl": kl_rows,
         "ce": ce_rows,
@@ -418,12 +512,8 @@ class MaskedKLFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output, *_unused):
         (grad,) = ctx.saved_tensors
-        # The common case (loss.backward()) needs no extra pass over (N, V). The check costs
-        # one host sync; scaling in place avoids a second (N, V) buffer (as Liger does).
-        if grad_output is not None and not torch.equal(
-            grad_output, torch.ones((), dtype=grad_output.dtype, device=grad_output.device)
-        ):
-            grad.mul_(grad_output.to(grad.dtype))
+        if grad_output is not None:
+            scale_grad_inplace(grad, grad_output)
         return grad, None, None, None, None, None, None, None
 
 

@@ -396,3 +396,56 @@ def test_agrees_with_muscle_losses_torch_impl(device):
         )
         torch.testing.assert_close(got[0], want[0].float(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("log_q_tail", [-20.0, -63.0, -66.0, -200.0])
+def test_small_student_tail_gradient(device, log_q_tail):
+    # The gradient sweep takes one exp per element with a per-row shift; below q_tail = e^-64
+    # it switches to a shift by -log q_tail (1 / q_tail would overflow). Off S the gradient is
+    # about -p_tail q_j / q_tail: O(1) however small q_tail is. Both sides of the switch.
+    N, V, K, T = 6, 300, 5, 2.0
+    z, y, i1, l1, i2, l2 = make_batch(N, V, K, K, device=device, seed=15, zscale=1.0)
+    g = torch.Generator().manual_seed(150)
+    z = torch.randn(N, V, generator=g).to(device)  # S entries O(1)
+    off = torch.ones(N, V, dtype=torch.bool, device=device).scatter(-1, i1, False)
+    # log q_tail ~ (c - lse_S) / T + log(V - K) at off-S logit c: solve for c
+    c = T * (log_q_tail - torch.log(torch.tensor(float(V - K)))).item()
+    z = torch.where(off, c + 0.5 * torch.randn(N, V, generator=g).to(device), z)
+    l1 = l1 - 0.4  # p_tail = 1 - e^-0.4 * (top-K mass): a large teacher tail
+    kern, truth = check_against_reference(
+        z, y, i1, l1, i2, l2, mask="always_v1", temperature=T, ce_weight=0.25
+    )
+    off_grad = truth[1][off.cpu()].abs().max().item()
+    assert off_grad > 1e-3  # the case is the intended one: off-S gradient is not negligible
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 1.5])
+def test_ce_statistic_each_temperature(device, temperature):
+    # sweep 1 derives exp(z - m) from exp((z - m) / T) when T is 1 or 2, else takes its own exp
+    z, y, i1, l1, i2, l2 = make_batch(7, 333, 4, 4, device=device, seed=16, zscale=4.0)
+    y[5] = -100
+    _, st = masked_kl_triton_with_stats(z, y, i1, l1, i2, l2, temperature=temperature)
+    ce_ref = F.cross_entropy(z.double(), y, ignore_index=-100).float()
+    torch.testing.assert_close(st["ce"], ce_ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs exist only with CUDA")
+@pytest.mark.parametrize("mask", ["v2c_wrong", "v1_correct"])
+def test_no_host_sync(mask):
+    # forward + backward must not stall the CPU on the GPU (torch raises on a synchronizing op)
+    z, y, i1, l1, i2, l2 = make_batch(16, 1000, 8, 8, device="cuda", seed=17)
+    zz = z.clone().requires_grad_(True)
+    masked_kl_triton(zz, y, i1, l1, i2, l2, mask=mask)  # compile outside the checked region
+    zz = z.clone().requires_grad_(True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = masked_kl_triton(zz, y, i1, l1, i2, l2, mask=mask)
+        (loss * 2.0).backward()
+        loss, _ = masked_kl_triton_with_stats(z.clone().requires_grad_(True), y, i1, l1, i2, l2)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert torch.isfinite(zz.grad).all()
