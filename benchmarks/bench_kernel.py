@@ -17,6 +17,14 @@ Measures:
   ms           median over --reps runs of forward + backward (CUDA events on GPU, perf_counter
                on CPU); the logits are re-cloned outside the timed region before each run
                (the in-place kernel overwrites them)
+  timing       how a GPU run is started (CPU runs: "wall"):
+               "queued" (default): the GPU first spins ~10 ms (torch.cuda._sleep) so that the
+                 CPU queues the whole forward + backward before the start event fires: the
+                 time is the GPU's, as in a training step where the CPU runs ahead; a host
+                 sync inside the provider still shows, since it waits for the queue to drain
+               "cold" (--timing cold): synchronize, then start: the time also holds the
+                 Python / launch overhead of one isolated call (rows before this column
+                 existed were measured this way)
   peak_mem_mb  GPU: torch.cuda.max_memory_allocated() during the run minus the memory allocated
                just before it (inputs and their clone excluded). CPU: the peak increase of the
                process RSS over its value just before the run, sampled every ~1 ms by a thread
@@ -25,8 +33,14 @@ Measures:
                traffic a fused kernel cannot avoid; the same byte count for every provider
   pct_peak_bw  gbps / the device's peak memory bandwidth (table below; blank if unknown)
 
+Tuning (GPU): --tune 8192x8e1,16384x8e0,... benchmarks the triton provider once per kernel
+config BLOCK_VxNUM_WARPS, e1/e0 = L2 eviction hints on/off (the MUSCLE_KL_BLOCK_V,
+MUSCLE_KL_NUM_WARPS and MUSCLE_KL_EVICT overrides of muscle.kernels.masked_kl); rows name
+the provider "triton[8192x8e1]". --tune default: the grid below (DEFAULT_TUNE).
+
 Usage:
   python benchmarks/bench_kernel.py                 # full grid (GPU), bf16
+  python benchmarks/bench_kernel.py --tune default --N 16384 --V 32000,128256
   python benchmarks/bench_kernel.py --quick         # small CPU run (triton skipped on CPU)
   python benchmarks/bench_kernel.py --quick --interpret   # also triton under the interpreter
   python benchmarks/bench_kernel.py --plot out.png
@@ -59,7 +73,13 @@ FIELDS = [
     "peak_mem_mb",
     "gbps",
     "pct_peak_bw",
+    "timing",
 ]
+DEFAULT_TUNE = "8192x8e1,16384x8e1,32768x8e1,16384x16e1,32768x16e1,16384x8e0"
+_TUNE_ENV = ("MUSCLE_KL_BLOCK_V", "MUSCLE_KL_NUM_WARPS", "MUSCLE_KL_EVICT")
+# rows written before the "timing" column existed were all measured "cold"
+_LEGACY_TIMING = "cold"
+_PRELUDE_CYCLES = 20_000_000  # GPU spin before the start event: ~10 ms at ~2 GHz
 
 # Vendor peak memory bandwidth, GB/s, matched in order against torch.cuda.get_device_name().
 PEAK_BW = [
@@ -103,12 +123,23 @@ def parse_args(argv=None):
     ap.add_argument("--mask", default="v2c_wrong")
     ap.add_argument("--reps", type=int, default=None, help="timed runs (default 5 GPU, 3 CPU)")
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument(
+        "--timing",
+        default="queued",
+        choices=["queued", "cold"],
+        help="GPU: queue the work behind a GPU spin (default) or start from an idle GPU",
+    )
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     ap.add_argument("--quick", action="store_true", help="small CPU-sized grid")
     ap.add_argument(
         "--interpret",
         action="store_true",
         help="on CPU, run triton under TRITON_INTERPRET=1 (a correctness run, not a speed one)",
+    )
+    ap.add_argument(
+        "--tune",
+        default=None,
+        help='kernel configs "BVxNWe1,..." (or "default") to compare; implies triton only',
     )
     ap.add_argument("--out", default=None, help="CSV path (default results/kernel_<dev>.csv)")
     ap.add_argument("--plot", default=None, help="write a plot of this run's rows (PNG)")
@@ -229,6 +260,8 @@ def bench_one(name, fn, N, V, K, dtype, device, args, torch):
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            if args.timing == "queued":
+                torch.cuda._sleep(_PRELUDE_CYCLES)  # the CPU queues the run meanwhile
             start.record()
             loss = fn(z, y, i1, l1, i2, l2, extra)
             loss.backward()
@@ -286,6 +319,9 @@ def main(argv=None) -> int:
         print("skip triton: on CPU it only runs under the interpreter (pass --interpret)")
         providers.remove("triton")
 
+    configs = parse_tune(args.tune) if args.tune else {}
+    if configs:
+        providers = ["triton"]
     fns = {}
     for p in providers:
         try:
@@ -296,6 +332,7 @@ def main(argv=None) -> int:
     peak_bw = peak_bandwidth(dev_name) if device == "cuda" else None
     out = Path(args.out) if args.out else RESULTS / f"kernel_{slug(dev_name)}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
+    _upgrade_csv(out)
     new_file = not out.exists()
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     rows = []
@@ -310,9 +347,10 @@ def main(argv=None) -> int:
                 if args.max_bytes and N * V * esize > args.max_bytes:
                     print(f"skip N={N} V={V}: logits over --max-bytes")
                     continue
-                for p, fn in fns.items():
+                for p, fn, env in _variants(fns, configs):
                     try:
-                        ms, mem = bench_one(p, fn, N, V, args.K, dtype, device, args, torch)
+                        with _env(env):
+                            ms, mem = bench_one(p, fn, N, V, args.K, dtype, device, args, torch)
                     except Exception as e:
                         ms = "oom" if is_oom(e, torch) else "error"
                         mem = ""
@@ -341,14 +379,70 @@ def main(argv=None) -> int:
                         "peak_mem_mb": f"{mem:.1f}" if isinstance(mem, float) else mem,
                         "gbps": f"{gbps:.1f}" if isinstance(gbps, float) else gbps,
                         "pct_peak_bw": f"{pct:.1f}" if isinstance(pct, float) else pct,
+                        "timing": args.timing if device == "cuda" else "wall",
                     }
                     w.writerow(row)
                     f.flush()
                     rows.append(row)
     print(f"done in {time.perf_counter() - t_start:.1f} s; {len(rows)} rows -> {out}")
     if args.plot and rows:
-        plot(rows, args.plot, dev_name, args.dtype)
+        plot(rows, args.plot, dev_name, f"{args.dtype}, {rows[0]['timing']} timing")
     return 0
+
+
+def parse_tune(spec: str) -> dict[str, dict[str, str]]:
+    """ "8192x8e1,..." -> {"8192x8e1": {env overrides}}."""
+    out = {}
+    for item in (DEFAULT_TUNE if spec == "default" else spec).split(","):
+        m = re.fullmatch(r"(\d+)x(\d+)e([01])", item.strip())
+        if not m:
+            raise SystemExit(f"bad --tune item {item!r}: expected BLOCK_VxNUM_WARPSe0|e1")
+        out[item.strip()] = dict(zip(_TUNE_ENV, m.groups(), strict=True))
+    return out
+
+
+def _variants(fns, configs):
+    """(provider label, fn, env overrides) for each run of one (N, V) point."""
+    if not configs:
+        return [(p, fn, {}) for p, fn in fns.items()]
+    return [(f"triton[{c}]", fns["triton"], env) for c, env in configs.items() if "triton" in fns]
+
+
+class _env:
+    """Set environment variables for the duration of a block."""
+
+    def __init__(self, env: dict[str, str]):
+        self.env, self.saved = env, {}
+
+    def __enter__(self):
+        self.saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+
+    def __exit__(self, *exc):
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _upgrade_csv(path: Path) -> None:
+    """Add the "timing" column to a results file written before it existed (atomically)."""
+    if not path.exists():
+        return
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or "timing" in reader.fieldnames:
+            return
+        old_rows = list(reader)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        for r in old_rows:
+            cpu = r.get("device", "").startswith("cpu")
+            w.writerow({**r, "timing": "wall" if cpu else _LEGACY_TIMING})
+    os.replace(tmp, path)
 
 
 def plot(rows, path, dev_name, dtype):

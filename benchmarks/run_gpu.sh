@@ -5,9 +5,11 @@
 #   2. `pip install -e .[gpu,bench]`, or, with no network, an install without dependencies
 #      (the machine's own packages), or, failing that, a PYTHONPATH shim of the package layout;
 #   3. pytest tests/test_kernel_masked_kl.py on CUDA;
-#   4. benchmarks/bench_kernel.py over the full grid, CSV + plot copied into $OUT/.
+#   4. benchmarks/bench_kernel.py over the full grid ("queued" timing), CSV + plot in $OUT/;
+#   5. the triton and liger providers again with "cold" timing (comparable with older rows);
+#   6. the kernel-config sweep (--tune default) at N=16384.
 # Env: OUT (default ./gpu_out), BENCH_ARGS (extra bench_kernel.py arguments), SKIP_TESTS=1,
-# SKIP_BENCH=1, VENV (default /tmp/muscle-gpu-venv).
+# SKIP_BENCH=1, SKIP_COLD=1, SKIP_TUNE=1, VENV (default /tmp/muscle-gpu-venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -90,6 +92,16 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
         ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.txt"
     # also keep the per-device CSV name that the repo uses
     DEV=$("$PY" -c 'import re, torch; print(re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-"))')
+    if [ "${SKIP_COLD:-0}" != 1 ]; then
+        say "cold-start timing (triton, liger)"
+        PYTHONUNBUFFERED=1 "$PY" benchmarks/bench_kernel.py --out "$CSV" --timing cold \
+            --providers triton,liger 2>&1 | tee -a "$OUT/bench.txt"
+    fi
+    if [ "${SKIP_TUNE:-0}" != 1 ]; then
+        say "kernel config sweep"
+        PYTHONUNBUFFERED=1 "$PY" benchmarks/bench_kernel.py --out "$CSV" --tune default \
+            --N 16384 --V 32000,128256 2>&1 | tee -a "$OUT/bench.txt"
+    fi
     cp "$CSV" "$OUT/kernel_${DEV}.csv"
 fi
 say "done (pytest rc=$RC_TEST)"
