@@ -75,7 +75,7 @@ FIELDS = [
     "pct_peak_bw",
     "timing",
 ]
-DEFAULT_TUNE = "8192x8e1,16384x8e1,32768x8e1,16384x16e1,32768x16e1,16384x8e0"
+DEFAULT_TUNE = "4096x8e1,8192x8e1,8192x16e1,16384x8e1,16384x16e1,32768x32e1,16384x8e0"
 _TUNE_ENV = ("MUSCLE_KL_BLOCK_V", "MUSCLE_KL_NUM_WARPS", "MUSCLE_KL_EVICT")
 # rows written before the "timing" column existed were all measured "cold"
 _LEGACY_TIMING = "cold"
