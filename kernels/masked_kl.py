@@ -55,6 +55,17 @@ def _interpreting() -> bool:
 
 
 @triton.jit
+def _load_sweep1(z_row, cols, V, EVICT_HINTS: tl.constexpr):
+    """One block of the row in its own dtype; -inf past V (neutral for max and sum-exp)."""
+    if EVICT_HINTS:
+        # sweep 2 reads this row again soon: ask L2 to keep it
+        return tl.load(
+            z_row + cols, mask=cols < V, other=float("-inf"), eviction_policy="evict_last"
+        )
+    return tl.load(z_row + cols, mask=cols < V, other=float("-inf"))
+
+
+@triton.jit
 def _masked_kl_fwd_kernel(
     z_ptr,  # (N, V) student logits, fp32 / bf16 / fp16, unit stride along V
     z_stride,
@@ -86,6 +97,7 @@ def _masked_kl_fwd_kernel(
     CE_GRAD: tl.constexpr,  # the CE term enters the gradient (ce_weight > 0)
     COMPUTE_GRAD: tl.constexpr,
     EVICT_HINTS: tl.constexpr,  # keep the row in L2 between the two sweeps
+    PREFETCH: tl.constexpr,  # sweep 1 loads block b + 1 before reducing block b
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_C: tl.constexpr,  # vocab block of the exact-tail sweep (BLOCK_C x BLOCK_K compare)
@@ -113,15 +125,17 @@ def _masked_kl_fwd_kernel(
     s_t = 0.0  # sum exp((z - m) / T)
     s_1 = 0.0  # sum exp(z - m)
     amax = 0
+    if PREFETCH:
+        x_next = _load_sweep1(z_row, offs, V, EVICT_HINTS)
     for start in range(0, V, BLOCK_V):
         cols = start + offs
-        if EVICT_HINTS:
-            # sweep 2 reads this row again soon: ask L2 to keep it
-            x = tl.load(
-                z_row + cols, mask=cols < V, other=float("-inf"), eviction_policy="evict_last"
-            ).to(tl.float32)
+        if PREFETCH:
+            # Issue the next block's load before this block's arithmetic, so that one CTA's
+            # loads and math overlap (the block reductions below keep its warps in lock-step).
+            x = x_next.to(tl.float32)
+            x_next = _load_sweep1(z_row, cols + BLOCK_V, V, EVICT_HINTS)
         else:
-            x = tl.load(z_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+            x = _load_sweep1(z_row, cols, V, EVICT_HINTS).to(tl.float32)
         bmax = tl.max(x, 0)
         if MASK_ARGMAX:
             barg = tl.argmax(x, 0, tie_break_left=True)
@@ -332,9 +346,12 @@ def _ce_pow(temperature: float) -> int:
     return {1.0: 1, 2.0: 2}.get(float(temperature), 0)
 
 
-def _evict_hints() -> bool:
-    """L2 eviction hints on the two sweeps (MUSCLE_KL_EVICT=0 turns them off, for A/B runs)."""
-    return os.environ.get("MUSCLE_KL_EVICT", "1") != "0"
+def _env_flag(name: str, default: bool) -> bool:
+    """A kernel variant switch for A/B runs (benchmarks/bench_kernel.py --tune): MUSCLE_KL_EVICT
+    (L2 eviction hints, default on), MUSCLE_KL_PREFETCH (sweep 1 prefetch, default off until
+    measured on a GPU)."""
+    v = os.environ.get(name)
+    return default if v is None else v not in ("0", "")
 
 
 def _resolve_mask(mask, labels, v1_ids, v1_logprobs) -> tuple[bool, torch.Tensor | None]:
@@ -473,7 +490,8 @@ def masked_kl_forward(
             CE_POW=_ce_pow(temperature),
             CE_GRAD=compute_grad and ce_weight > 0,
             COMPUTE_GRAD=compute_grad,
-            EVICT_HINTS=_evict_hints(),
+            EVICT_HINTS=_env_flag("MUSCLE_KL_EVICT", True),
+            PREFETCH=_env_flag("MUSCLE_KL_PREFETCH", False),
             BLOCK_V=block_v,
             BLOCK_K=block_k,
             BLOCK_C=block_c,
