@@ -8,8 +8,9 @@ A base is a hub id (``org/name``), a local Hugging Face model directory, or a ``
 Fingerprints let later stages refuse silent mixes:
 
 * :func:`tokenizer_fingerprint` hashes the vocabulary, merges and special tokens;
-* :func:`base_fingerprint` hashes a base's config and the first MiB of every weight file
-  (cheap for 7B models, yet two checkpoints of one architecture differ);
+* :func:`base_fingerprint` hashes a base's config and samples of every weight file: the first
+  MiB and 32 windows spread over the rest (3 MiB read per file: cheap for 7B models, yet it
+  sees changes anywhere in the tensors, e.g. a merged LoRA);
 * :func:`adapter_sha256` hashes the adapter's config and weights.
 """
 
@@ -69,6 +70,8 @@ def check_base_exists(spec: ModelSpec) -> None:
             raise MuscleError(f"GGUF file not found: {Path(base) / gguf}")
         return
     if base.startswith((".", "/", "~")) or base.count("/") != 1:
+        if gguf:  # name the file, not just the directory it should be in
+            raise MuscleError(f"GGUF file not found: {Path(base) / gguf}")
         raise MuscleError(f"base model not found: {base} (a local directory, a .gguf file or a hub id org/name)")
 
 
@@ -214,8 +217,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def base_fingerprint(spec: ModelSpec) -> str:
-    """Config + the first MiB of each weight file, for local bases; the hub id@revision otherwise."""
+    """Config + sampled bytes of each weight file (:func:`_hash_samples`), for local bases;
+    the hub id@revision otherwise."""
     base, gguf = _split_gguf(spec)
+    if gguf:
+        check_base_exists(spec)  # a missing .gguf is a MuscleError, not a FileNotFoundError
     root = Path(base)
     if not root.exists():
         return _sha(f"hub:{base}@{spec.revision or 'main'}".encode())[:16]
@@ -225,11 +231,33 @@ def base_fingerprint(spec: ModelSpec) -> str:
     )
     for p in files:
         if p.name in ("config.json",) or p.suffix in (".safetensors", ".bin", ".gguf"):
-            h.update(p.name.encode())
+            # a GGUF is one self-contained file: its content, not its name, is the model
+            h.update(b"gguf" if p.suffix == ".gguf" else p.name.encode())
             h.update(str(p.stat().st_size).encode())
-            with p.open("rb") as f:
-                h.update(f.read(1 << 20))
+            _hash_samples(h, p)
     return h.hexdigest()[:16]
+
+
+_HEAD_BYTES = 1 << 20  # file headers: safetensors' tensor table, GGUF's metadata
+_WINDOW_BYTES = 1 << 16
+_WINDOWS = 32
+
+
+def _hash_samples(h, path: Path) -> None:
+    """Feed h the first MiB of a file and 32 windows of 64 KiB spread evenly over the rest (the
+    last one ends the file); files up to 4 MiB whole. Weight files store tensors one after the
+    other, so the head alone can miss what an update changes: a merged LoRA leaves the leading
+    embedding table as it was, and SmolLM2's GGUF metadata fills its first 1.7 MiB."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        if size <= 4 * _HEAD_BYTES:
+            h.update(f.read())
+            return
+        h.update(f.read(_HEAD_BYTES))
+        span = size - _HEAD_BYTES - _WINDOW_BYTES
+        for i in range(_WINDOWS):
+            f.seek(_HEAD_BYTES + span * (i + 1) // _WINDOWS)
+            h.update(f.read(_WINDOW_BYTES))
 
 
 def adapter_sha256(adapter_dir: str | Path) -> str:
