@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
@@ -87,6 +88,10 @@ def load_tokenizer(spec: ModelSpec):
         tok = AutoTokenizer.from_pretrained(base, **kwargs)
     except OSError as e:
         raise MuscleError(f"could not load the tokenizer of {base}: {e}".splitlines()[0]) from None
+    except _GGUF_READ_ERRORS as e:
+        if not gguf:
+            raise
+        raise MuscleError(_bad_gguf(base, gguf, e)) from None
     # muscle truncates examples itself (muscle.data); silence the tokenizer's own length warning.
     tok.model_max_length = int(1e9)
     if tok.pad_token_id is None:
@@ -109,9 +114,25 @@ def load_base(spec: ModelSpec, device: str | torch.device = "cpu"):
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, **kwargs)
     except OSError as e:
         raise MuscleError(f"could not load base model {base}: {e}".splitlines()[0]) from None
+    except _GGUF_READ_ERRORS as e:
+        if not gguf:
+            raise
+        raise MuscleError(_bad_gguf(base, gguf, e)) from None
     if gguf:
         model = _dequantized_copy(model, dtype)
     return model.to(device).eval()
+
+
+# what transformers' GGUF reader raises on a file that is not (a whole) GGUF
+_GGUF_READ_ERRORS = (ValueError, struct.error, EOFError, IndexError)
+
+
+def _bad_gguf(base: str, gguf: str, err: Exception) -> str:
+    """One line for a file that the GGUF reader refuses (a truncated download, a git-lfs
+    pointer, another format under a .gguf name)."""
+    first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return (f"{Path(base) / gguf} is not a readable GGUF file ({first}); "
+            "download it again or name another base")
 
 
 def _dequantized_copy(model, dtype: torch.dtype):

@@ -400,3 +400,17 @@ def test_missing_gguf_is_a_muscle_error(tmp_path, form, call):
     with pytest.raises(MuscleError, match=r"^GGUF file not found: \S*absent\.gguf$"):
         CALLS[call](*args)
     assert not (tmp_path / "plain").exists()
+
+
+@pytest.mark.parametrize("content", ["lfs-pointer", "truncated"])
+@pytest.mark.parametrize("call", ["load_base", "load_tokenizer"])
+def test_unreadable_gguf_is_a_muscle_error(tmp_path, content, call):
+    path = tmp_path / "model.gguf"
+    if content == "lfs-pointer":  # what a clone without git-lfs leaves behind
+        path.write_text(
+            "version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 9\n"
+        )
+    else:  # the first bytes of a real GGUF header only
+        path.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + b"\x07\x00")
+    with pytest.raises(MuscleError, match=r"model\.gguf is not a readable GGUF file \(.*\)"):
+        CALLS[call](ModelSpec(str(path)))
