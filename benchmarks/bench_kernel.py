@@ -35,8 +35,9 @@ Measures:
 
 Tuning (GPU): --tune 8192x8e1,16384x8e0p1,... benchmarks the triton provider once per kernel
 config BLOCK_VxNUM_WARPS, e1/e0 = L2 eviction hints on/off, optional p1/p0 = sweep-1 prefetch
-on/off (the MUSCLE_KL_BLOCK_V, MUSCLE_KL_NUM_WARPS, MUSCLE_KL_EVICT and MUSCLE_KL_PREFETCH
-overrides of muscle.kernels.masked_kl); rows name the provider "triton[8192x8e1]".
+on/off, optional r1/r0 = sweep 2 backwards (the MUSCLE_KL_BLOCK_V, MUSCLE_KL_NUM_WARPS,
+MUSCLE_KL_EVICT, MUSCLE_KL_PREFETCH and MUSCLE_KL_REVERSE overrides of
+muscle.kernels.masked_kl); rows name the provider "triton[8192x8e1]".
 --tune default: the grid below (DEFAULT_TUNE).
 
 Usage:
@@ -78,9 +79,15 @@ FIELDS = [
 ]
 DEFAULT_TUNE = (
     "4096x8e1,8192x8e1,8192x16e1,16384x8e1,16384x16e1,32768x32e1,16384x8e0,"
-    "8192x8e1p1,16384x8e1p1,8192x16e1p1"
+    "8192x8e1p1,16384x8e1p1,8192x16e1p1,16384x8e1p0r1,16384x8e1p1r1,8192x16e1p1r1"
 )
-_TUNE_ENV = ("MUSCLE_KL_BLOCK_V", "MUSCLE_KL_NUM_WARPS", "MUSCLE_KL_EVICT", "MUSCLE_KL_PREFETCH")
+_TUNE_ENV = (
+    "MUSCLE_KL_BLOCK_V",
+    "MUSCLE_KL_NUM_WARPS",
+    "MUSCLE_KL_EVICT",
+    "MUSCLE_KL_PREFETCH",
+    "MUSCLE_KL_REVERSE",
+)
 # rows written before the "timing" column existed were all measured "cold"
 _LEGACY_TIMING = "cold"
 _PRELUDE_CYCLES = 20_000_000  # GPU spin before the start event: ~10 ms at ~2 GHz
@@ -398,10 +405,13 @@ def parse_tune(spec: str) -> dict[str, dict[str, str]]:
     """ "8192x8e1,..." -> {"8192x8e1": {env overrides}}."""
     out = {}
     for item in (DEFAULT_TUNE if spec == "default" else spec).split(","):
-        m = re.fullmatch(r"(\d+)x(\d+)e([01])p?([01]?)", item.strip())
+        m = re.fullmatch(r"(\d+)x(\d+)e([01])(?:p([01]))?(?:r([01]))?", item.strip())
         if not m:
-            raise SystemExit(f"bad --tune item {item!r}: expected BLOCK_VxNUM_WARPSe0|e1[p0|p1]")
-        out[item.strip()] = dict(zip(_TUNE_ENV, (*m.groups()[:3], m.group(4) or "0"), strict=True))
+            raise SystemExit(
+                f"bad --tune item {item!r}: expected BLOCK_VxNUM_WARPSe0|e1[p0|p1][r0|r1]"
+            )
+        bv, nw, ev, pf, rv = m.groups()
+        out[item.strip()] = dict(zip(_TUNE_ENV, (bv, nw, ev, pf or "0", rv or "0"), strict=True))
     return out
 
 

@@ -39,7 +39,7 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_CONFIGS = "2048x4,4096x8,8192x8,8192x16,16384x8,16384x16,32768x16,32768x32"
 FIELDS = [
-    "date", "label", "arch", "config", "dtype", "mask", "stats", "prefetch", "regs", "stack", "spill_st",
+    "date", "label", "arch", "config", "dtype", "mask", "stats", "prefetch", "reverse", "regs", "stack", "spill_st",
     "spill_ld", "ctas_per_sm", "warps_per_sm", "ex2", "bar", "ldg", "stg", "compile_s",
 ]  # fmt: skip
 
@@ -64,6 +64,7 @@ def parse_args(argv=None):
     ap.add_argument("--mask", default="v2c_wrong", choices=["v2c_wrong", "tensor"])
     ap.add_argument("--stats", action="store_true", help="CE statistic on (the trainer's call)")
     ap.add_argument("--prefetch", action="store_true", help="the sweep-1 prefetch variant")
+    ap.add_argument("--reverse", action="store_true", help="the backwards sweep-2 variant")
     ap.add_argument("--module", default=None, help="kernel file to load instead of muscle's")
     ap.add_argument("--label", default="current")
     ap.add_argument("--out", default=None)
@@ -94,6 +95,7 @@ def compile_config(kernel, block_v, num_warps, args):
         "COMPUTE_GRAD": True,
         "EVICT_HINTS": True,
         "PREFETCH": args.prefetch,
+        "REVERSE_SWEEP2": args.reverse,
         "BLOCK_V": block_v,
         "BLOCK_K": max(2, 1 << (args.K - 1).bit_length()),
         "BLOCK_C": max(16, min(block_v, 8192 // max(2, 1 << (args.K - 1).bit_length()))),
@@ -179,7 +181,7 @@ def main(argv=None) -> int:
             row = {
                 "date": date, "label": args.label, "arch": args.arch, "config": item.strip(),
                 "dtype": args.dtype, "mask": args.mask, "stats": int(args.stats),
-                "prefetch": int(args.prefetch), **st,
+                "prefetch": int(args.prefetch), "reverse": int(args.reverse), **st,
                 "ctas_per_sm": ctas, "warps_per_sm": ctas * num_warps,
                 "compile_s": f"{secs:.1f}",
             }  # fmt: skip

@@ -66,6 +66,24 @@ def _load_sweep1(z_row, cols, V, EVICT_HINTS: tl.constexpr):
 
 
 @triton.jit
+def _grad_block(z_row, g_row, cols, V, y, m, inv_T, base, a_kl, ce_wn, log_s_1,
+                CE_GRAD: tl.constexpr, EVICT_HINTS: tl.constexpr):  # fmt: skip
+    """Sweep 2 on one block: g_j = a_kl exp((z_j - m) / T + base) (+ the CE gradient)."""
+    vmask = cols < V
+    if EVICT_HINTS:
+        # last use of this row: let it leave L2 first
+        x = tl.load(z_row + cols, mask=vmask, other=float("-inf"), eviction_policy="evict_first")
+    else:
+        x = tl.load(z_row + cols, mask=vmask, other=float("-inf"))
+    x = x.to(tl.float32)
+    # entries of S may exceed 1 here (overwritten by the fix-up): cap before exp, never inf
+    g = a_kl * tl.exp(tl.minimum((x - m) * inv_T + base, 64.0))
+    if CE_GRAD:
+        g += ce_wn * (tl.exp(x - m - log_s_1) - tl.where(cols == y, 1.0, 0.0))
+    tl.store(g_row + cols, g.to(g_row.dtype.element_ty), mask=vmask)
+
+
+@triton.jit
 def _masked_kl_fwd_kernel(
     z_ptr,  # (N, V) student logits, fp32 / bf16 / fp16, unit stride along V
     z_stride,
@@ -98,6 +116,7 @@ def _masked_kl_fwd_kernel(
     COMPUTE_GRAD: tl.constexpr,
     EVICT_HINTS: tl.constexpr,  # keep the row in L2 between the two sweeps
     PREFETCH: tl.constexpr,  # sweep 1 loads block b + 1 before reducing block b
+    REVERSE_SWEEP2: tl.constexpr,  # sweep 2 runs from the last block to the first
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_C: tl.constexpr,  # vocab block of the exact-tail sweep (BLOCK_C x BLOCK_K compare)
@@ -257,21 +276,19 @@ def _masked_kl_fwd_kernel(
         )
         a_kl = kl_wt * coef
         base = shift - log_s_t  # lq_j + shift = (x_j - m) / T + base (x - m first: exact)
-        for start in range(0, V, BLOCK_V):
-            cols = start + offs
-            vmask = cols < V
-            if EVICT_HINTS:
-                # last use of this row: let it leave L2 first
-                x = tl.load(
-                    z_row + cols, mask=vmask, other=float("-inf"), eviction_policy="evict_first"
-                ).to(tl.float32)
-            else:
-                x = tl.load(z_row + cols, mask=vmask, other=float("-inf")).to(tl.float32)
-            # entries of S may exceed 1 here (overwritten below): cap before exp, never inf
-            g = a_kl * tl.exp(tl.minimum((x - m) * inv_T + base, 64.0))
-            if CE_GRAD:
-                g += ce_wn * (tl.exp(x - m - log_s_1) - tl.where(cols == y, 1.0, 0.0))
-            tl.store(g_row + cols, g.to(g_row.dtype.element_ty), mask=vmask)
+        if REVERSE_SWEEP2:
+            # Backwards, the first blocks read are the ones sweep 1 read last: the likeliest to
+            # be still in L2.
+            n_blocks = tl.cdiv(V, BLOCK_V)
+            for b in range(0, n_blocks):
+                _grad_block(z_row, g_row, (n_blocks - 1 - b) * BLOCK_V + offs, V, y, m, inv_T,
+                            base, a_kl, ce_wn, log_s_1, CE_GRAD, EVICT_HINTS)  # fmt: skip
+        else:
+            # (a separate loop: indexing blocks by b instead of start cost 67 registers and
+            # spills on sm_90, benchmarks/kernel_sass.py)
+            for start in range(0, V, BLOCK_V):
+                _grad_block(z_row, g_row, start + offs, V, y, m, inv_T, base, a_kl, ce_wn,
+                            log_s_1, CE_GRAD, EVICT_HINTS)  # fmt: skip
         # The fix-up below rewrites entries that other threads of this program just wrote:
         # order the two writes (and, in place, our reads of z above) with a CTA barrier.
         tl.debug_barrier()
@@ -348,8 +365,8 @@ def _ce_pow(temperature: float) -> int:
 
 def _env_flag(name: str, default: bool) -> bool:
     """A kernel variant switch for A/B runs (benchmarks/bench_kernel.py --tune): MUSCLE_KL_EVICT
-    (L2 eviction hints, default on), MUSCLE_KL_PREFETCH (sweep 1 prefetch, default off until
-    measured on a GPU)."""
+    (L2 eviction hints, default on), MUSCLE_KL_PREFETCH (sweep 1 prefetch) and MUSCLE_KL_REVERSE
+    (sweep 2 backwards), both off until timed on a GPU."""
     v = os.environ.get(name)
     return default if v is None else v not in ("0", "")
 
@@ -492,6 +509,7 @@ def masked_kl_forward(
             COMPUTE_GRAD=compute_grad,
             EVICT_HINTS=_env_flag("MUSCLE_KL_EVICT", True),
             PREFETCH=_env_flag("MUSCLE_KL_PREFETCH", False),
+            REVERSE_SWEEP2=_env_flag("MUSCLE_KL_REVERSE", False),
             BLOCK_V=block_v,
             BLOCK_K=block_k,
             BLOCK_C=block_c,

@@ -452,13 +452,14 @@ def test_no_host_sync(mask):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("prefetch", ["0", "1"])
-@pytest.mark.parametrize("evict", ["0", "1"])
-def test_kernel_variants_many_blocks(device, prefetch, evict, monkeypatch):
+@pytest.mark.parametrize("prefetch,evict,reverse", [("0", "0", "0"), ("1", "1", "0"),
+                                                    ("0", "1", "1"), ("1", "0", "1")])  # fmt: skip
+def test_kernel_variants_many_blocks(device, prefetch, evict, reverse, monkeypatch):
     # The --tune switches change code paths, not results: 8 blocks of 128, the last partial.
     monkeypatch.setenv("MUSCLE_KL_BLOCK_V", "128")
     monkeypatch.setenv("MUSCLE_KL_PREFETCH", prefetch)
     monkeypatch.setenv("MUSCLE_KL_EVICT", evict)
+    monkeypatch.setenv("MUSCLE_KL_REVERSE", reverse)
     z, y, i1, l1, i2, l2 = make_batch(5, 1000, 7, 9, device=device, seed=18)
     z[0, 999] = 50.0  # argmax in the last, partial block
     z[1, 0] = 50.0  # argmax in the first block
