@@ -465,3 +465,36 @@ def test_kernel_variants_many_blocks(device, prefetch, evict, reverse, monkeypat
     z[1, 0] = 50.0  # argmax in the first block
     y[2] = -100
     check_against_reference(z, y, i1, l1, i2, l2, mask="v2c_wrong", ce_weight=0.3)
+
+
+def test_default_config_compiles_for_sm90_without_spills(tmp_path):
+    # Triton compiles to a cubin without a GPU: the config the launcher picks for the largest
+    # benchmark vocabulary must build for H100/H200 and keep everything in registers (a spill
+    # to local memory would cost bandwidth on every element). Outside the interpreter, so in a
+    # subprocess without TRITON_INTERPRET.
+    pytest.importorskip("triton.backends.nvidia")
+    code = (
+        "import os; from muscle.kernels.masked_kl import _pick_blocks; "
+        "bv, _, _, nw = _pick_blocks(128256, 64); print(f'{bv}x{nw}')"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRITON_", "MUSCLE_KL_"))}
+    run = lambda *a: subprocess.run(  # noqa: E731
+        [sys.executable, *a], env=env, capture_output=True, text=True, timeout=300
+    )
+    picked = run("-c", code)
+    assert picked.returncode == 0, picked.stderr
+    config = picked.stdout.strip()
+    out = tmp_path / "sass.csv"
+    bench = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "kernel_sass.py")
+    for extra in ([], ["--stats"]):
+        res = run(bench, "--configs", config, "--out", str(out), *extra)
+        if res.returncode != 0 and "ptxas" in res.stderr.lower() + res.stdout.lower():
+            pytest.skip(f"no usable ptxas here: {res.stderr[-300:]}")
+        assert res.returncode == 0, res.stderr[-2000:]
+    import csv
+
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 2 and all(r["config"] == config for r in rows)
+    for r in rows:
+        assert int(r["regs"]) > 0 and int(r["ex2"]) > 0
+        assert (int(r["spill_st"]), int(r["spill_ld"])) == (0, 0), r
