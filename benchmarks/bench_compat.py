@@ -116,7 +116,6 @@ def smol_base() -> Path:
     # Derive the plain checkpoint from the GGUF (DESIGN §7) into /tmp/bench_smol.
     import glob
 
-
     ggufs = sorted(glob.glob(SMOL_GGUF_GLOB))
     if not ggufs:
         sys.exit(

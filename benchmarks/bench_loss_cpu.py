@@ -100,9 +100,13 @@ def child(provider: str, n: int, v: int, k: int, dtype_name: str, repeats: int) 
         return g
 
     exact = _reset_peak()
-    base = _status_mb("VmRSS") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base = (
+        _status_mb("VmRSS") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
     g = step()
-    peak = _status_mb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = (
+        _status_mb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
     if not exact:
         print("warning: clear_refs not writable; peak from ru_maxrss", file=sys.stderr)
     del g

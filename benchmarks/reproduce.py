@@ -17,6 +17,7 @@ Stages (each skips finished work, so the script is re-runnable and resumable):
 
 Writes benchmarks/results/reproduce.json and prints a markdown table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,6 +37,7 @@ RESULTS = REPO / "benchmarks" / "results" / "reproduce.json"
 SHARED_DATA = Path(os.environ.get("MUSCLE_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 # ---- sizes (CPU budget: 2 shared cores). Paper: full train sets, r=128, 10 epochs. ----------
+# fmt: off
 LORA_R, LORA_ALPHA = 16, 32          # paper r=128 / alpha=156: too slow on CPU for the budget
 DTYPE = "bfloat16"                    # AMX bf16 on this CPU; adapters stay float32 (PEFT)
 TASKS = {
@@ -52,6 +54,7 @@ TASKS = {
 # (mask, ce_weight): the paper trains the likelihood masks with an auxiliary cross-entropy
 # ("CE + L_comp", Table 6) without giving lambda; 0.5 here.
 ABLATION_MASKS = [("always_v1", 0.0), ("v1_correct", 0.0), ("token_ll", 0.5), ("seq_ll", 0.5)]
+# fmt: on
 WARMUP = 5
 
 
@@ -109,14 +112,37 @@ def write_config(task: str) -> Path:
 
 
 def common_data(task: str, s: dict) -> list[str]:
-    return ["--data-dir", str(data_dir(task)), "--max-examples", str(s["train_pool"]),
-            "--max-length", str(s["max_length"])]
+    return [
+        "--data-dir",
+        str(data_dir(task)),
+        "--max-examples",
+        str(s["train_pool"]),
+        "--max-length",
+        str(s["max_length"]),
+    ]
 
 
-def predict(task: str, s: dict, cfg: Path, name: str, out: Path, times: dict, adapter: Path | None = None) -> None:
-    cmd = [str(BIN / "muscle-eval"), "predict", "--config", str(cfg), "--model", name.split("-")[0],
-           "--out", str(out), "--data-dir", str(data_dir(task)), "--limit", str(s["test"]),
-           "--device", "cpu", "--batch-size", "8"]
+def predict(
+    task: str, s: dict, cfg: Path, name: str, out: Path, times: dict, adapter: Path | None = None
+) -> None:
+    cmd = [
+        str(BIN / "muscle-eval"),
+        "predict",
+        "--config",
+        str(cfg),
+        "--model",
+        name.split("-")[0],
+        "--out",
+        str(out),
+        "--data-dir",
+        str(data_dir(task)),
+        "--limit",
+        str(s["test"]),
+        "--device",
+        "cpu",
+        "--batch-size",
+        "8",
+    ]
     if adapter is not None:
         cmd += ["--adapter", str(adapter)]
     if "max_new_tokens" in s:
@@ -131,11 +157,36 @@ def _finished(pred: Path) -> Path:
     return Path(str(pred) + ".done")
 
 
-def compat_train(task: str, s: dict, out: Path, mask: str, times: dict, stage: str, ce_weight: float = 0.0) -> None:
-    cmd = [str(BIN / "muscle-train"), "--cache", str(ROOT / "cache" / task), "--out", str(out),
-           "--mask", mask, "--epochs", str(s["compat_epochs"]), "--lr", str(s["compat_lr"]),
-           "--warmup", str(WARMUP), "--batch-size", str(s["batch"]), "--grad-accum", str(s["accum"]),
-           "--temperature", "2", "--ce-weight", str(ce_weight), "--device", "cpu", "--dtype", DTYPE]
+def compat_train(
+    task: str, s: dict, out: Path, mask: str, times: dict, stage: str, ce_weight: float = 0.0
+) -> None:
+    cmd = [
+        str(BIN / "muscle-train"),
+        "--cache",
+        str(ROOT / "cache" / task),
+        "--out",
+        str(out),
+        "--mask",
+        mask,
+        "--epochs",
+        str(s["compat_epochs"]),
+        "--lr",
+        str(s["compat_lr"]),
+        "--warmup",
+        str(WARMUP),
+        "--batch-size",
+        str(s["batch"]),
+        "--grad-accum",
+        str(s["accum"]),
+        "--temperature",
+        "2",
+        "--ce-weight",
+        str(ce_weight),
+        "--device",
+        "cpu",
+        "--dtype",
+        DTYPE,
+    ]
     run(stage, cmd, out / "adapter_model.safetensors", times)
 
 
@@ -146,11 +197,36 @@ def task_pipeline(task: str, times: dict, ablation: bool, masks: list[str] | Non
     for name in ("v1", "v2"):
         if name == "v2":
             ensure_bases(times)
-        cmd = [str(BIN / "muscle-train"), "--task", task, "--config", str(cfg), "--model", name,
-               "--out", str(tdir / name), *common_data(task, s), "--epochs", str(s["epochs"]),
-               "--lr", str(s["lr"]), "--warmup", str(WARMUP), "--batch-size", str(s["batch"]),
-               "--grad-accum", str(s["accum"]), "--lora-r", str(LORA_R), "--lora-alpha", str(LORA_ALPHA),
-               "--device", "cpu", "--dtype", DTYPE]
+        cmd = [
+            str(BIN / "muscle-train"),
+            "--task",
+            task,
+            "--config",
+            str(cfg),
+            "--model",
+            name,
+            "--out",
+            str(tdir / name),
+            *common_data(task, s),
+            "--epochs",
+            str(s["epochs"]),
+            "--lr",
+            str(s["lr"]),
+            "--warmup",
+            str(WARMUP),
+            "--batch-size",
+            str(s["batch"]),
+            "--grad-accum",
+            str(s["accum"]),
+            "--lora-r",
+            str(LORA_R),
+            "--lora-alpha",
+            str(LORA_ALPHA),
+            "--device",
+            "cpu",
+            "--dtype",
+            DTYPE,
+        ]
         run(f"{task}-train-{name}", cmd, tdir / name / "adapter_model.safetensors", times)
         if name == "v1":
             (tdir / "pred").mkdir(exist_ok=True)
@@ -161,16 +237,36 @@ def task_pipeline(task: str, times: dict, ablation: bool, masks: list[str] | Non
         _predict_marked(task, s, cfg, name, preds / f"{name}.jsonl", times)
     cache = ROOT / "cache" / task
     for name in ("v1", "v2"):
-        cmd = [str(BIN / "muscle-cache"), "build", "--config", str(cfg), "--model", name, "--out", str(cache),
-               *common_data(task, s), "--device", "cpu", "--dtype", DTYPE, "--quiet", "--batch-size", "8"]
+        cmd = [
+            str(BIN / "muscle-cache"),
+            "build",
+            "--config",
+            str(cfg),
+            "--model",
+            name,
+            "--out",
+            str(cache),
+            *common_data(task, s),
+            "--device",
+            "cpu",
+            "--dtype",
+            DTYPE,
+            "--quiet",
+            "--batch-size",
+            "8",
+        ]
         run(f"{task}-cache-{name}", cmd, cache / f".repro-{name}.done", times)
         (cache / f".repro-{name}.done").touch()
     out = {"sizes": s, "lora": {"r": LORA_R, "alpha": LORA_ALPHA}}
     if not masks:  # (--masks alone: only those ablation runs, e.g. in parallel with the main run)
         compat_train(task, s, tdir / "v2c", "v2c_wrong", times, f"{task}-train-v2c")
         _predict_marked(task, s, cfg, "v2c", preds / "v2c.jsonl", times)
-        out["report"] = _compare(task, [preds / "v1.jsonl", preds / "v2.jsonl", preds / "v2c.jsonl"],
-                                 tdir / "compare", times)
+        out["report"] = _compare(
+            task,
+            [preds / "v1.jsonl", preds / "v2.jsonl", preds / "v2c.jsonl"],
+            tdir / "compare",
+            times,
+        )
     if ablation:
         out["ablation"] = {"v2c_wrong": out["report"]} if "report" in out else {}
         for mask, ce in ABLATION_MASKS:
@@ -178,9 +274,15 @@ def task_pipeline(task: str, times: dict, ablation: bool, masks: list[str] | Non
                 continue
             adir = tdir / f"v2c-{mask}"
             compat_train(task, s, adir, mask, times, f"{task}-train-v2c-{mask}", ce)
-            _predict_marked(task, s, cfg, f"v2c-{mask}", preds / f"v2c-{mask}.jsonl", times, adapter=adir)
-            out["ablation"][mask] = _compare(task, [preds / "v1.jsonl", preds / "v2.jsonl", preds / f"v2c-{mask}.jsonl"],
-                                             tdir / f"compare-{mask}", times)
+            _predict_marked(
+                task, s, cfg, f"v2c-{mask}", preds / f"v2c-{mask}.jsonl", times, adapter=adir
+            )
+            out["ablation"][mask] = _compare(
+                task,
+                [preds / "v1.jsonl", preds / "v2.jsonl", preds / f"v2c-{mask}.jsonl"],
+                tdir / f"compare-{mask}",
+                times,
+            )
     return out
 
 
@@ -191,7 +293,15 @@ def _predict_marked(task, s, cfg, name, out: Path, times, adapter=None) -> None:
 
 def _compare(task: str, files: list[Path], stem: Path, times: dict) -> dict:
     j = stem.with_suffix(".json")
-    cmd = [str(BIN / "muscle-eval"), "compare", *map(str, files), "--json", str(j), "--markdown", str(stem.with_suffix(".md"))]
+    cmd = [
+        str(BIN / "muscle-eval"),
+        "compare",
+        *map(str, files),
+        "--json",
+        str(j),
+        "--markdown",
+        str(stem.with_suffix(".md")),
+    ]
     run(f"{task}-compare-{stem.name}", cmd, None, times)
     rep = json.loads(j.read_text())
     rep["paired"] = paired_flips(*files)
@@ -205,21 +315,32 @@ def paired_flips(v1: Path, v2: Path, v2c: Path) -> dict:
     continuous score (ROUGE-1) the same on "D < 0" (smooth negative flips).
     """
     from math import comb
+
     def load(f):
         return {r["id"]: r for r in map(json.loads, open(f))}
+
     a, b, c = load(v1), load(v2), load(v2c)
     ids = sorted(set(a) & set(b) & set(c))
+
     def neg(old, new):
         if old.get("correct") is None:
             return new["score"] < old["score"]
         return bool(old["correct"]) and not new["correct"]
+
     r2 = {i for i in ids if neg(a[i], b[i])}
     rc = {i for i in ids if neg(a[i], c[i])}
     fixed, added = len(r2 - rc), len(rc - r2)
     k, n = min(fixed, added), fixed + added
-    p = min(1.0, 2 * sum(comb(n, j) for j in range(k + 1)) / 2 ** n) if n else 1.0
-    return {"n": len(ids), "neg_v2": len(r2), "neg_v2c": len(rc), "avoided": fixed, "added": added,
-            "sign_test_p": p, "v2c_differs_from_v2": sum(c[i]["prediction"] != b[i]["prediction"] for i in ids)}
+    p = min(1.0, 2 * sum(comb(n, j) for j in range(k + 1)) / 2**n) if n else 1.0
+    return {
+        "n": len(ids),
+        "neg_v2": len(r2),
+        "neg_v2c": len(rc),
+        "avoided": fixed,
+        "added": added,
+        "sign_test_p": p,
+        "v2c_differs_from_v2": sum(c[i]["prediction"] != b[i]["prediction"] for i in ids),
+    }
 
 
 V2_STEPS = 16
@@ -235,8 +356,19 @@ def ensure_bases(times: dict) -> None:
         return
     lock.touch()
     try:
-        run("bases", [sys.executable, str(REPO / "benchmarks" / "repro_bases.py"), "--root", str(ROOT),
-                      "--steps", str(V2_STEPS)], target, times)
+        run(
+            "bases",
+            [
+                sys.executable,
+                str(REPO / "benchmarks" / "repro_bases.py"),
+                "--root",
+                str(ROOT),
+                "--steps",
+                str(V2_STEPS),
+            ],
+            target,
+            times,
+        )
     finally:
         lock.unlink(missing_ok=True)
 
@@ -245,6 +377,7 @@ def train_walls(tdir: Path) -> dict:
     """Wall seconds of each training run, from its own record (start) to its adapter's mtime:
     also covers runs whose driver was restarted (their times are not in wall_seconds)."""
     from datetime import datetime
+
     out = {}
     for d in sorted(tdir.iterdir()):
         mr, ad = d / "muscle_run.json", d / "adapter_model.safetensors"
@@ -258,29 +391,56 @@ def machine() -> dict:
     import torch
     from bench_common import cpu_name
 
-    return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-            "note": "2 cores shared with other jobs; all runs under nice -n 10, so wall times are upper bounds"}
+    return {
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "note": "2 cores shared with other jobs; all runs under nice -n 10, so wall times are upper bounds",
+    }
 
 
 def main() -> None:
     if "--table" in sys.argv:  # print the table of the results file only
         print(markdown(json.loads(RESULTS.read_text())))
         return
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tasks", default="piqa,samsum", help="comma-separated: piqa,samsum,hellaswag,gsm8k")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--tasks", default="piqa,samsum", help="comma-separated: piqa,samsum,hellaswag,gsm8k"
+    )
     ap.add_argument("--ablation", action="store_true", help="PIQA mask ablation (paper Table 6)")
-    ap.add_argument("--masks", default="", help="ablation masks to run (default: all), e.g. seq_ll,token_ll")
-    ap.add_argument("--v2-steps", type=int, default=16, help="continued-pretraining steps for base-v2")
+    ap.add_argument(
+        "--masks", default="", help="ablation masks to run (default: all), e.g. seq_ll,token_ll"
+    )
+    ap.add_argument(
+        "--v2-steps", type=int, default=16, help="continued-pretraining steps for base-v2"
+    )
     a = ap.parse_args()
     times: dict = {}
     t0 = time.time()
     global V2_STEPS
     V2_STEPS = a.v2_steps
-    run("bases-v1", [sys.executable, str(REPO / "benchmarks" / "repro_bases.py"), "--root", str(ROOT), "--only-v1"],
-        ROOT / "base-v1" / "model.safetensors", times)
+    run(
+        "bases-v1",
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "repro_bases.py"),
+            "--root",
+            str(ROOT),
+            "--only-v1",
+        ],
+        ROOT / "base-v1" / "model.safetensors",
+        times,
+    )
     for task in [t.strip() for t in a.tasks.split(",") if t.strip()]:
-        res = task_pipeline(task, times, a.ablation and task == "piqa",
-                            [m for m in a.masks.split(",") if m] if a.masks else None)
+        res = task_pipeline(
+            task,
+            times,
+            a.ablation and task == "piqa",
+            [m for m in a.masks.split(",") if m] if a.masks else None,
+        )
         # merge with what other (parallel) invocations wrote meanwhile
         results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"tasks": {}}
         results.setdefault("tasks", {})
@@ -315,34 +475,45 @@ def _counts(report: dict) -> tuple:
 
 
 def markdown(results: dict) -> str:
-    out = ["| task | n test | score v1 | score v2 | score v2c | NFR v1→v2 (flips) | NFR v1→v2c (flips) "
-           "| ΔNFR_c | Δ%NFR_c | NFR_mc v2 | NFR_mc v2c | smooth NFR v2 → v2c | m_g v2 → v2c | m_r v2 → v2c |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| task | n test | score v1 | score v2 | score v2c | NFR v1→v2 (flips) | NFR v1→v2c (flips) "
+        "| ΔNFR_c | Δ%NFR_c | NFR_mc v2 | NFR_mc v2c | smooth NFR v2 → v2c | m_g v2 → v2c | m_r v2 → v2c |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for task, r in results.get("tasks", {}).items():
         if "report" not in r:
             continue
         row = r["report"]["paper_row"]
         f2, f2c = _counts(r["report"])
+
         def flips(rate, k):
             return "–" if rate is None else f"{_p(rate)} ({k})"
+
         out.append(
             f"| {task} | {row['n']} | {_p(row['score_v1'])} | {_p(row['score_v2'])} | {_p(row['score_v2c'])} "
             f"| {flips(row['nfr'], f2)} | {flips(row['nfr_c'], f2c)} | {_p(row['delta_nfr_c'])} "
             f"| {_p(row['rel_delta_nfr_c'])} | {_p(row['nfr_mc'])} | {_p(row['nfr_mc_c'])} "
             f"| {_p(row['nfr_smooth'])} → {_p(row['nfr_smooth_c'])} ({_p(row['rel_delta_nfr_smooth_c'])}%) "
-            f"| {_p(row['m_g'])} → {_p(row['m_g_c'])} | {_p(row['m_r'])} → {_p(row['m_r_c'])} |")
+            f"| {_p(row['m_g'])} → {_p(row['m_g_c'])} | {_p(row['m_r'])} → {_p(row['m_r_c'])} |"
+        )
     for task, r in results.get("tasks", {}).items():
         if "ablation" not in r:
             continue
-        out += ["", f"Mask ablation ({task}, paper Table 6): v1 → v2c trained with each mask from the same cache",
-                "", "| mask | score v2c | ΔAcc vs v2 | NFR v1→v2c (flips) | ΔNFR_c | Δ%NFR_c | PFR v1→v2c | ΔPFR_c |",
-                "|---|---|---|---|---|---|---|---|"]
+        out += [
+            "",
+            f"Mask ablation ({task}, paper Table 6): v1 → v2c trained with each mask from the same cache",
+            "",
+            "| mask | score v2c | ΔAcc vs v2 | NFR v1→v2c (flips) | ΔNFR_c | Δ%NFR_c | PFR v1→v2c | ΔPFR_c |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for mask, rep in r["ablation"].items():
             row = rep["paper_row"]
             _, k = _counts(rep)
-            out.append(f"| {mask} | {_p(row['score_v2c'])} | {_p(row['delta_score_c'])} | {_p(row['nfr_c'])} ({k}) "
-                       f"| {_p(row['delta_nfr_c'])} | {_p(row['rel_delta_nfr_c'])} | {_p(row['pfr_c'])} "
-                       f"| {_p(row['delta_pfr_c'])} |")
+            out.append(
+                f"| {mask} | {_p(row['score_v2c'])} | {_p(row['delta_score_c'])} | {_p(row['nfr_c'])} ({k}) "
+                f"| {_p(row['delta_nfr_c'])} | {_p(row['rel_delta_nfr_c'])} | {_p(row['pfr_c'])} "
+                f"| {_p(row['delta_pfr_c'])} |"
+            )
     return "\n".join(out)
 
 

@@ -32,7 +32,9 @@ def _floats(value: str | None) -> tuple[float, ...] | None:
     try:
         return tuple(float(v) for v in value.split(","))
     except ValueError:
-        raise MuscleError(f"--temperatures takes numbers separated by commas, got {value!r}") from None
+        raise MuscleError(
+            f"--temperatures takes numbers separated by commas, got {value!r}"
+        ) from None
 
 
 @cli.command("build")
@@ -49,8 +51,9 @@ def _floats(value: str | None) -> tuple[float, ...] | None:
 @click.option("--split-seed", type=int, default=0, show_default=True)
 @click.option("--max-examples", type=int, help="Cap on the training pool (before the split).")
 @click.option("--max-length", type=int, help="Tokens per example (default: model context).")
-@click.option("--truncation", default="left", show_default=True,
-              type=click.Choice(["left", "refuse"]))
+@click.option(
+    "--truncation", default="left", show_default=True, type=click.Choice(["left", "refuse"])
+)
 @click.option("--answer-only", is_flag=True, help="Targets on answer tokens only.")
 @click.option("--splits", help="Comma-separated (default train,validation).")
 @click.option("--k", "k", type=int, help="Top-K kept per token (default 64).")
@@ -63,7 +66,9 @@ def _floats(value: str | None) -> tuple[float, ...] | None:
 @click.option("--chunk-tokens", type=int, help="Tokens per chunk (default 2048).")
 @click.option("--shard-chunks", type=int, help="Chunks per shard file (default 32).")
 @click.option("--batch-size", type=int, help="Examples per forward pass (default 8).")
-@click.option("--device", help="Default: cuda (cuda:LOCAL_RANK under torchrun) if present, else cpu.")
+@click.option(
+    "--device", help="Default: cuda (cuda:LOCAL_RANK under torchrun) if present, else cpu."
+)
 @click.option("--dtype", help="float32 | bfloat16 | float16 | auto (default: bf16 on CUDA).")
 @click.option("--overwrite", is_flag=True, help="Rebuild a complete teacher / replace a cache.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -78,37 +83,65 @@ def build_cmd(**o) -> None:
         raise click.UsageError("use either --config/--model or --base [--adapter], not both")
     if o["base"] and o["name"] not in ("v1", "v2"):
         raise click.UsageError("--base needs --name v1 or --name v2 (the trainer's teacher names)")
-    name, spec = resolve_model(config=o["config"], model=o["model"], base=o["base"],
-                               adapter=o["adapter"])
+    name, spec = resolve_model(
+        config=o["config"], model=o["model"], base=o["base"], adapter=o["adapter"]
+    )
     name = o["name"] or name
     task = o["task"] or (load_update_config(o["config"]).task if o["config"] else None)
     if not task:
         raise click.UsageError("name the task: --task piqa|hellaswag|gsm8k|samsum")
-    data = DataConfig(task=task, source=o["source"], data_dir=o["data_dir"],
-                      val_fraction=o["val_fraction"], split_seed=o["split_seed"],
-                      max_examples=o["max_examples"], max_length=o["max_length"],
-                      truncation=o["truncation"], answer_only=o["answer_only"])
+    data = DataConfig(
+        task=task,
+        source=o["source"],
+        data_dir=o["data_dir"],
+        val_fraction=o["val_fraction"],
+        split_seed=o["split_seed"],
+        max_examples=o["max_examples"],
+        max_length=o["max_length"],
+        truncation=o["truncation"],
+        answer_only=o["answer_only"],
+    )
     cfg = resolve_cache_config(
-        o["out"], k=o["k"], temperatures=_floats(o["temperatures"]),
+        o["out"],
+        k=o["k"],
+        temperatures=_floats(o["temperatures"]),
         splits=tuple(o["splits"].split(",")) if o["splits"] else None,
-        value_dtype=o["value_dtype"], ids_dtype=o["ids_dtype"], codec=o["codec"],
-        clevel=o["clevel"], shuffle=o["shuffle"], chunk_tokens=o["chunk_tokens"],
-        shard_chunks=o["shard_chunks"], batch_size=o["batch_size"],
+        value_dtype=o["value_dtype"],
+        ids_dtype=o["ids_dtype"],
+        codec=o["codec"],
+        clevel=o["clevel"],
+        shuffle=o["shuffle"],
+        chunk_tokens=o["chunk_tokens"],
+        shard_chunks=o["shard_chunks"],
+        batch_size=o["batch_size"],
     )
     if o["quiet"]:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    res = build_cache(o["out"], name, spec, data, cfg, overwrite=o["overwrite"],
-                      device=o["device"], dtype=o["dtype"], progress=not o["quiet"])
+    res = build_cache(
+        o["out"],
+        name,
+        spec,
+        data,
+        cfg,
+        overwrite=o["overwrite"],
+        device=o["device"],
+        dtype=o["dtype"],
+        progress=not o["quiet"],
+    )
     if res.extra.get("skipped"):
-        click.echo(f"teacher {name} is already complete in {res.path} (same model): nothing to do; "
-                   "--overwrite rebuilds it")
+        click.echo(
+            f"teacher {name} is already complete in {res.path} (same model): nothing to do; "
+            "--overwrite rebuilds it"
+        )
         return
     what = "resumed and finished" if res.resumed else "built"
-    click.echo(f"{what} teacher {name} in {res.path}: {res.n_tokens:,} tokens, "
-               f"{res.n_examples:,} examples, {res.units_built}/{res.units_total} shards this "
-               f"run, {res.tokens_per_s:,.0f} tokens/s")
+    click.echo(
+        f"{what} teacher {name} in {res.path}: {res.n_tokens:,} tokens, "
+        f"{res.n_examples:,} examples, {res.units_built}/{res.units_total} shards this "
+        f"run, {res.tokens_per_s:,.0f} tokens/s"
+    )
 
 
 @cli.command("inspect")
@@ -119,15 +152,17 @@ def inspect_cmd(path: str, as_json: bool) -> None:
     from muscle.teacher_cache import inspect_cache, render_inspect
 
     info = inspect_cache(path)
-    click.echo(json.dumps(info, indent=2, default=str) if as_json else render_inspect(info),
-               nl=as_json)
+    click.echo(
+        json.dumps(info, indent=2, default=str) if as_json else render_inspect(info), nl=as_json
+    )
 
 
 @cli.command("verify")
 @click.argument("path", type=click.Path())
 @click.option("--model", "models", multiple=True, help="Re-run this teacher (repeatable).")
-@click.option("--sample", type=int, default=64, show_default=True,
-              help="Positions to re-run per teacher.")
+@click.option(
+    "--sample", type=int, default=64, show_default=True, help="Positions to re-run per teacher."
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", help="Default: cuda if present, else cpu.")
 def verify_cmd(path: str, models: tuple[str, ...], sample: int, seed: int, device: str | None):
@@ -138,10 +173,12 @@ def verify_cmd(path: str, models: tuple[str, ...], sample: int, seed: int, devic
     rep = verify_cache(path, rerun=models, sample=sample, seed=seed, device=device)
     click.echo(f"checked {rep.checked_chunks} chunks")
     for name, st in rep.rerun.items():
-        click.echo(f"re-ran {name} on {st['positions']} positions: ids exact "
-                   f"{st['ids_exact']:.1%}, max errors: log-prob {st['max_logprob_err']:.2g}, "
-                   f"top-K set {st['max_topk_set_err']:.2g}, lse {st['max_lse_err']:.2g}, "
-                   f"label {st['max_label_err']:.2g} (tolerance {st['tolerance']})")
+        click.echo(
+            f"re-ran {name} on {st['positions']} positions: ids exact "
+            f"{st['ids_exact']:.1%}, max errors: log-prob {st['max_logprob_err']:.2g}, "
+            f"top-K set {st['max_topk_set_err']:.2g}, lse {st['max_lse_err']:.2g}, "
+            f"label {st['max_label_err']:.2g} (tolerance {st['tolerance']})"
+        )
     for err in rep.errors:
         click.echo(f"FAIL {err}", err=True)
     if not rep.ok:

@@ -8,9 +8,16 @@ from muscle.cli_common import run_cli
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--out", default="runs/demo", show_default=True, type=click.Path(), help="Run folder.")
-@click.option("--profile", default="demo", show_default=True, type=click.Choice(["demo", "test"]),
-              help="demo: what `make demo` runs (~5 min on 2 cores); test: CI's short path.")
+@click.option(
+    "--out", default="runs/demo", show_default=True, type=click.Path(), help="Run folder."
+)
+@click.option(
+    "--profile",
+    default="demo",
+    show_default=True,
+    type=click.Choice(["demo", "test"]),
+    help="demo: what `make demo` runs (~5 min on 2 cores); test: CI's short path.",
+)
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Task data (default: embedded).")
 def cli(out: str, profile: str, data_dir: str | None) -> None:
     """Pretrain v1/v2, train task adapters, measure the regression, build the teacher cache,

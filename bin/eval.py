@@ -59,16 +59,25 @@ def compare_cmd(
 @click.option("--task", help="piqa, hellaswag, gsm8k or samsum (default: the config's task).")
 @click.option("--base", help="Base model: local dir, .gguf file or hub id.")
 @click.option("--adapter", type=click.Path(file_okay=False), help="PEFT adapter dir on --base.")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False),
-              help="Update config (TOML) naming the models.")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="Update config (TOML) naming the models.",
+)
 @click.option("--model", "model_name", help="A model named in --config (e.g. v1).")
 @click.option("--out", "out_path", required=True, type=_OUT, help="Predictions JSONL to write.")
 @click.option("--split", default="test", show_default=True, help="train, validation or test.")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Local task data folder.")
 @click.option("--source", type=click.Choice(["local", "hub"]), default="local", show_default=True)
 @click.option("--limit", type=int, help="Only the first N examples of the split.")
-@click.option("--batch-size", type=int, default=8, show_default=True,
-              help="Sequences per forward pass (and examples per write).")
+@click.option(
+    "--batch-size",
+    type=int,
+    default=8,
+    show_default=True,
+    help="Sequences per forward pass (and examples per write).",
+)
 @click.option("--num-fewshot", type=int, help="Few-shot examples (default: the task's).")
 @click.option("--max-new-tokens", type=int, help="Generation length cap (default: the task's).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
@@ -99,15 +108,27 @@ def predict_cmd(
     from muscle.evaluate import format_summary, predict
     from muscle.update import load_update_config, resolve_model
 
-    name, spec = resolve_model(config=config_path, model=model_name, base=base, adapter=adapter, dtype=dtype)
+    name, spec = resolve_model(
+        config=config_path, model=model_name, base=base, adapter=adapter, dtype=dtype
+    )
     if task is None and config_path:
         task = load_update_config(config_path).task
     if task is None:
         raise MuscleError("name the task: --task piqa|hellaswag|gsm8k|samsum")
     summary = predict(
-        spec, task, out_path, split=split, data_dir=data_dir, source=source, limit=limit,
-        batch_size=batch_size, num_fewshot=num_fewshot, max_new_tokens=max_new_tokens,
-        device=device, overwrite=overwrite, model_name=name,
+        spec,
+        task,
+        out_path,
+        split=split,
+        data_dir=data_dir,
+        source=source,
+        limit=limit,
+        batch_size=batch_size,
+        num_fewshot=num_fewshot,
+        max_new_tokens=max_new_tokens,
+        device=device,
+        overwrite=overwrite,
+        model_name=name,
     )
     click.echo(json.dumps(summary, indent=2) if json_out else format_summary(summary))
 

@@ -68,7 +68,9 @@ class CompatObjective:
 
     def __init__(self, cfg: CompatConfig):
         if cfg.mask not in KERNEL_MASKS + LIKELIHOOD_MASKS:
-            raise MuscleError(f"unknown mask {cfg.mask!r}: choose one of {', '.join(KERNEL_MASKS + LIKELIHOOD_MASKS)}")
+            raise MuscleError(
+                f"unknown mask {cfg.mask!r}: choose one of {', '.join(KERNEL_MASKS + LIKELIHOOD_MASKS)}"
+            )
         self.cfg = cfg
 
     def mask_for(self, batch: Batch, rows: torch.Tensor):
@@ -82,7 +84,9 @@ class CompatObjective:
         if self.cfg.mask == "token_ll":
             return token_likelihood_mask(lp1, lp2)
         example = rows // batch["labels"].shape[1]  # (n,) which sequence each row belongs to
-        return sequence_likelihood_mask(lp1, lp2, example, torch.ones_like(example, dtype=torch.bool))
+        return sequence_likelihood_mask(
+            lp1, lp2, example, torch.ones_like(example, dtype=torch.bool)
+        )
 
     def __call__(self, model, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         from muscle.losses import masked_kl_with_stats
@@ -99,13 +103,26 @@ class CompatObjective:
 
         z = student_logits(model, batch, rows)  # (n, V)
         loss, stats = masked_kl_with_stats(
-            z, labels, take("v1_ids"), take("v1_logprobs"), take("v2_ids"), take("v2_logprobs"),
-            temperature=self.cfg.temperature, mask=self.mask_for(batch, rows),
-            ce_weight=self.cfg.ce_weight, t2_scale=self.cfg.t2_scale, impl=self.cfg.impl,
+            z,
+            labels,
+            take("v1_ids"),
+            take("v1_logprobs"),
+            take("v2_ids"),
+            take("v2_logprobs"),
+            temperature=self.cfg.temperature,
+            mask=self.mask_for(batch, rows),
+            ce_weight=self.cfg.ce_weight,
+            t2_scale=self.cfg.t2_scale,
+            impl=self.cfg.impl,
         )
         s = _stats_dict(stats)
-        return loss, {"loss": loss.item(), "kl": s.get("kl", math.nan), "ce": s.get("ce", math.nan),
-                      "frac_v1": s.get("frac_v1", math.nan), "n_tokens": float(rows.numel())}
+        return loss, {
+            "loss": loss.item(),
+            "kl": s.get("kl", math.nan),
+            "ce": s.get("ce", math.nan),
+            "frac_v1": s.get("frac_v1", math.nan),
+            "n_tokens": float(rows.numel()),
+        }
 
 
 @dataclass
@@ -122,8 +139,12 @@ def _sidecar(kind: str, task: str, v2: ModelSpec, tok, extra: dict) -> dict:
         "kind": kind,
         "muscle_version": __version__,
         "task": task,
-        "base": {"path": v2.base, "revision": v2.revision, "gguf_file": v2.gguf_file,
-                 "fingerprint": base_fingerprint(v2)},
+        "base": {
+            "path": v2.base,
+            "revision": v2.revision,
+            "gguf_file": v2.gguf_file,
+            "fingerprint": base_fingerprint(v2),
+        },
         "tokenizer_fingerprint": tokenizer_fingerprint(tok),
         "init_adapter": v2.adapter,
         **extra,
@@ -134,8 +155,12 @@ def _already_done(run, state: str) -> CompatResult | None:
     if state != "done":
         return None
     info = run.read_run()
-    print(f"{run.path}: already trained (best epoch {info.get('best_epoch')}); use --overwrite to train again")
-    return CompatResult(run.path, "already done", info.get("best_epoch", -1), info.get("best_val_loss", math.nan))
+    print(
+        f"{run.path}: already trained (best epoch {info.get('best_epoch')}); use --overwrite to train again"
+    )
+    return CompatResult(
+        run.path, "already done", info.get("best_epoch", -1), info.get("best_val_loss", math.nan)
+    )
 
 
 # ------------------------------------------------------------------------------ cache mode
@@ -143,9 +168,13 @@ def _already_done(run, state: str) -> CompatResult | None:
 
 def _check_v2_adapter(spec: ModelSpec) -> None:
     if not spec.adapter:
-        raise MuscleError("the cache's v2 teacher has no adapter: the compatibility adapter starts from v2's task adapter")
+        raise MuscleError(
+            "the cache's v2 teacher has no adapter: the compatibility adapter starts from v2's task adapter"
+        )
     if not (Path(spec.adapter) / "adapter_config.json").is_file():
-        raise MuscleError(f"the v2 task adapter recorded in the cache is no longer on disk: {spec.adapter}")
+        raise MuscleError(
+            f"the v2 task adapter recorded in the cache is no longer on disk: {spec.adapter}"
+        )
 
 
 def train_compat_from_cache(
@@ -167,7 +196,11 @@ def train_compat_from_cache(
 
     dev = pick_device(device)
     dinfo = distributed.init(dev)
-    ds = None if deepspeed_config is None else resolve_deepspeed_config(deepspeed_config, train_cfg, dinfo.world_size)
+    ds = (
+        None
+        if deepspeed_config is None
+        else resolve_deepspeed_config(deepspeed_config, train_cfg, dinfo.world_size)
+    )
     reader = CacheReader(cache_path)
     for name in ("v1", "v2"):
         if name not in reader.teachers:
@@ -192,10 +225,19 @@ def train_compat_from_cache(
             f"the student's tokenizer ({tokenizer_fingerprint(tok)}) differs from the cache's ({cached_tok})"
         )
     task = reader.meta.get("task", "?")
-    identity = {"kind": "compat", "mode": "cache", "cache": str(Path(cache_path).resolve()),
-                "cache_id": reader.meta.get("dataset_fingerprint"), "v2": describe_model(v2_spec),
-                "compat": to_dict(compat_cfg),
-                "train": {k: v for k, v in to_dict(train_cfg).items() if k not in ("checkpoint_every", "log_every")}}
+    identity = {
+        "kind": "compat",
+        "mode": "cache",
+        "cache": str(Path(cache_path).resolve()),
+        "cache_id": reader.meta.get("dataset_fingerprint"),
+        "v2": describe_model(v2_spec),
+        "compat": to_dict(compat_cfg),
+        "train": {
+            k: v
+            for k, v in to_dict(train_cfg).items()
+            if k not in ("checkpoint_every", "log_every")
+        },
+    }
     if ds is not None:
         identity["deepspeed"] = ds  # its checkpoints are ZeRO partitions: resume only the same way
     run, state = prepare_run_dir(out_dir, identity, overwrite=overwrite)
@@ -208,24 +250,53 @@ def train_compat_from_cache(
     for name in ("v1", "v2"):
         theirs = reader.teachers[name].get("vocab_size")
         if theirs is not None and int(theirs) != vocab:
-            raise MuscleError(f"the student's vocabulary ({vocab}) differs from teacher {name}'s ({theirs})")
+            raise MuscleError(
+                f"the student's vocabulary ({vocab}) differs from teacher {name}'s ({theirs})"
+            )
     bs, seed, T = train_cfg.batch_size, train_cfg.seed, compat_cfg.temperature
     data = Data(
-        train=lambda epoch, skip: reader.iter_batches("train", bs, temperature=T, shuffle=True, seed=seed,
-                                                      epoch=epoch, skip=skip, rank=dinfo.rank,
-                                                      world_size=dinfo.world_size),
+        train=lambda epoch, skip: reader.iter_batches(
+            "train",
+            bs,
+            temperature=T,
+            shuffle=True,
+            seed=seed,
+            epoch=epoch,
+            skip=skip,
+            rank=dinfo.rank,
+            world_size=dinfo.world_size,
+        ),
         validation=lambda: reader.iter_batches("validation", bs, temperature=T, shuffle=False),
         batches_per_epoch=num_batches(reader.num_examples("train"), bs * dinfo.world_size),
     )
-    sidecar = _sidecar("compat", task, v2_spec, tok, {
-        "mode": "cache", "cache": str(cache_path), "teachers": reader.teachers,
-        "compat": to_dict(compat_cfg), "train": to_dict(train_cfg)})
+    sidecar = _sidecar(
+        "compat",
+        task,
+        v2_spec,
+        tok,
+        {
+            "mode": "cache",
+            "cache": str(cache_path),
+            "teachers": reader.teachers,
+            "compat": to_dict(compat_cfg),
+            "train": to_dict(train_cfg),
+        },
+    )
 
     def save_best(epoch: int, val: dict) -> None:
         save_adapter(model, run.path, sidecar | {"best_epoch": epoch, "validation": val})
 
-    result = fit(model, CompatObjective(compat_cfg), data, train_cfg, run, save_best=save_best,
-                 device=dev, stop_after_steps=stop_after_steps, deepspeed_config=ds)
+    result = fit(
+        model,
+        CompatObjective(compat_cfg),
+        data,
+        train_cfg,
+        run,
+        save_best=save_best,
+        device=dev,
+        stop_after_steps=stop_after_steps,
+        deepspeed_config=ds,
+    )
     finish_run(run, result)
     return CompatResult(run.path, "trained", result.best_epoch, result.best_val_loss)
 
@@ -248,7 +319,9 @@ class LiveTeachers:
         from muscle.topk import teacher_topk
 
         B, T, V = logits.shape
-        tk = teacher_topk(logits.reshape(B * T, V), labels.reshape(-1), self.k, temperatures=(self.T, 1.0))
+        tk = teacher_topk(
+            logits.reshape(B * T, V), labels.reshape(-1), self.k, temperatures=(self.T, 1.0)
+        )
         lp = tk.values / self.T - tk.lse[self.T][:, None]  # (B*T, K) log-probs at T
         label_lp = tk.label_logit - tk.lse[1.0]  # (B*T,) at T = 1
         out[f"{prefix}_ids"] = tk.ids.reshape(B, T, -1)
@@ -295,20 +368,40 @@ def train_compat_online(
 ) -> CompatResult:
     """``muscle-train --online``: the same loss with teachers computed live."""
     if not v2.adapter:
-        raise MuscleError("online mode needs v2's task adapter (the compatibility adapter starts from it)")
+        raise MuscleError(
+            "online mode needs v2's task adapter (the compatibility adapter starts from it)"
+        )
     task = get_task(data_cfg.task)
     tok = load_tokenizer(v2)
     if tokenizer_fingerprint(load_tokenizer(v1)) != tokenizer_fingerprint(tok):
-        raise MuscleError("v1 and v2 use different tokenizers: MUSCLE's token-level KL needs one vocabulary")
-    ex_kw = {"source": data_cfg.source, "data_dir": data_cfg.data_dir, "val_fraction": data_cfg.val_fraction,
-             "split_seed": data_cfg.split_seed, "max_examples": data_cfg.max_examples}
+        raise MuscleError(
+            "v1 and v2 use different tokenizers: MUSCLE's token-level KL needs one vocabulary"
+        )
+    ex_kw = {
+        "source": data_cfg.source,
+        "data_dir": data_cfg.data_dir,
+        "val_fraction": data_cfg.val_fraction,
+        "split_seed": data_cfg.split_seed,
+        "max_examples": data_cfg.max_examples,
+    }
     train_ex = load_examples(task, "train", **ex_kw)
     val_ex = load_examples(task, "validation", **ex_kw)
-    identity = {"kind": "compat", "mode": "online", "task": task.name, "data": to_dict(data_cfg),
-                "dataset_fingerprint": dataset_fingerprint(task, train_ex + val_ex),
-                "v1": describe_model(v1), "v2": describe_model(v2), "top_k": top_k,
-                "compat": to_dict(compat_cfg),
-                "train": {k: v for k, v in to_dict(train_cfg).items() if k not in ("checkpoint_every", "log_every")}}
+    identity = {
+        "kind": "compat",
+        "mode": "online",
+        "task": task.name,
+        "data": to_dict(data_cfg),
+        "dataset_fingerprint": dataset_fingerprint(task, train_ex + val_ex),
+        "v1": describe_model(v1),
+        "v2": describe_model(v2),
+        "top_k": top_k,
+        "compat": to_dict(compat_cfg),
+        "train": {
+            k: v
+            for k, v in to_dict(train_cfg).items()
+            if k not in ("checkpoint_every", "log_every")
+        },
+    }
     run, state = prepare_run_dir(out_dir, identity, overwrite=overwrite)
     if (done := _already_done(run, state)) is not None:
         return done
@@ -323,24 +416,51 @@ def train_compat_online(
     student.set_adapter("default")
     student.to(dev)
     max_len = data_cfg.max_length or model_max_length(base)
-    enc_kw = {"answer_only": data_cfg.answer_only, "max_length": max_len, "truncation": data_cfg.truncation}
+    enc_kw = {
+        "answer_only": data_cfg.answer_only,
+        "max_length": max_len,
+        "truncation": data_cfg.truncation,
+    }
     train_enc = encode_examples(tok, task, train_ex, **enc_kw)
     val_enc = encode_examples(tok, task, val_ex, **enc_kw)
     pad, bs, seed = tok.pad_token_id, train_cfg.batch_size, train_cfg.seed
     data = Data(
-        train=lambda epoch, skip: iter_batches(train_enc, bs, pad, shuffle=True, seed=seed, epoch=epoch, skip=skip),
+        train=lambda epoch, skip: iter_batches(
+            train_enc, bs, pad, shuffle=True, seed=seed, epoch=epoch, skip=skip
+        ),
         validation=lambda: iter_batches(val_enc, bs, pad, shuffle=False),
         batches_per_epoch=num_batches(len(train_enc), bs),
     )
-    objective = OnlineCompatObjective(compat_cfg, LiveTeachers(v1_model, student, top_k, compat_cfg.temperature))
-    sidecar = _sidecar("compat", task.name, v2, tok, {
-        "mode": "online", "teachers": {"v1": describe_model(v1), "v2": describe_model(v2)}, "top_k": top_k,
-        "data": to_dict(data_cfg), "compat": to_dict(compat_cfg), "train": to_dict(train_cfg)})
+    objective = OnlineCompatObjective(
+        compat_cfg, LiveTeachers(v1_model, student, top_k, compat_cfg.temperature)
+    )
+    sidecar = _sidecar(
+        "compat",
+        task.name,
+        v2,
+        tok,
+        {
+            "mode": "online",
+            "teachers": {"v1": describe_model(v1), "v2": describe_model(v2)},
+            "top_k": top_k,
+            "data": to_dict(data_cfg),
+            "compat": to_dict(compat_cfg),
+            "train": to_dict(train_cfg),
+        },
+    )
 
     def save_best(epoch: int, val: dict) -> None:
         save_adapter(student, run.path, sidecar | {"best_epoch": epoch, "validation": val})
 
-    result = fit(student, objective, data, train_cfg, run, save_best=save_best, device=dev,
-                 stop_after_steps=stop_after_steps)
+    result = fit(
+        student,
+        objective,
+        data,
+        train_cfg,
+        run,
+        save_best=save_best,
+        device=dev,
+        stop_after_steps=stop_after_steps,
+    )
     finish_run(run, result)
     return CompatResult(run.path, "trained", result.best_epoch, result.best_val_loss)

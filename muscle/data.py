@@ -75,7 +75,9 @@ def encode_example(
     truncation: str = "left",
 ) -> EncodedExample:
     """Tokenize one training example (context + delimiter + gold answer)."""
-    ctx_ids, ans_ids = split_context_answer(tokenizer, ex.context, task.target_delimiter + ex.answer)
+    ctx_ids, ans_ids = split_context_answer(
+        tokenizer, ex.context, task.target_delimiter + ex.answer
+    )
     if task.add_eos_to_answer and tokenizer.eos_token_id is not None:
         ans_ids = ans_ids + [tokenizer.eos_token_id]
     if not ans_ids:
@@ -122,7 +124,12 @@ def encode_examples(
     """Encode many examples; truncations are counted and reported once, not per example."""
     out = [
         encode_example(
-            tokenizer, task, ex, answer_only=answer_only, max_length=max_length, truncation=truncation
+            tokenizer,
+            task,
+            ex,
+            answer_only=answer_only,
+            max_length=max_length,
+            truncation=truncation,
         )
         for ex in examples
     ]
@@ -131,7 +138,10 @@ def encode_examples(
         log.warning(
             "%s: %d of %d examples were longer than max_length=%s and lost context tokens "
             "from the left (--truncation refuse makes this an error)",
-            task.name, n_trunc, len(out), max_length,
+            task.name,
+            n_trunc,
+            len(out),
+            max_length,
         )
     return out
 
@@ -156,7 +166,9 @@ def collate(batch: Sequence[EncodedExample], pad_id: int) -> dict[str, torch.Ten
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def batch_order(n: int, batch_size: int, *, shuffle: bool, seed: int, epoch: int) -> list[list[int]]:
+def batch_order(
+    n: int, batch_size: int, *, shuffle: bool, seed: int, epoch: int
+) -> list[list[int]]:
     """Example indices grouped into batches; the order depends only on (seed, epoch)."""
     idx = np.arange(n)
     if shuffle:
@@ -181,7 +193,9 @@ def iter_batches(
     With ``world_size`` > 1 the batches are *global* (``batch_size * world_size`` examples, the
     same order on every rank) and each rank yields its own contiguous slice of each one.
     """
-    groups = batch_order(len(encoded), batch_size * world_size, shuffle=shuffle, seed=seed, epoch=epoch)
+    groups = batch_order(
+        len(encoded), batch_size * world_size, shuffle=shuffle, seed=seed, epoch=epoch
+    )
     for i, group in enumerate(groups):
         if i < skip:
             continue

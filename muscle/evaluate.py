@@ -76,7 +76,10 @@ class PredictOptions:
 
 
 def task_options(
-    task: Task, *, num_fewshot: int | None = None, max_new_tokens: int | None = None,
+    task: Task,
+    *,
+    num_fewshot: int | None = None,
+    max_new_tokens: int | None = None,
     fewshot_seed: int = FEWSHOT_SEED,
 ) -> PredictOptions:
     """The task's defaults with the caller's overrides."""
@@ -151,7 +154,7 @@ def _model_inputs(req: LoglikelihoodRequest, max_length: int) -> list[int]:
             f"a continuation of {len(req.continuation)} tokens does not fit the model's "
             f"{max_length}-token context"
         )
-    return (req.context + req.continuation)[-(max_length + 1):][:-1]
+    return (req.context + req.continuation)[-(max_length + 1) :][:-1]
 
 
 def _device_of(model) -> torch.device:
@@ -159,7 +162,9 @@ def _device_of(model) -> torch.device:
 
 
 @torch.inference_mode()
-def _score_batch(model, inputs: list[list[int]], conts: list[list[int]], pad_id: int) -> list[float]:
+def _score_batch(
+    model, inputs: list[list[int]], conts: list[list[int]], pad_id: int
+) -> list[float]:
     """Summed log-probabilities of each continuation, one right-padded forward pass."""
     B, T = len(inputs), max(len(x) for x in inputs)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
@@ -181,7 +186,11 @@ def _score_batch(model, inputs: list[list[int]], conts: list[list[int]], pad_id:
 
 
 def loglikelihoods(
-    model, requests: Sequence[LoglikelihoodRequest], *, batch_size: int, max_length: int,
+    model,
+    requests: Sequence[LoglikelihoodRequest],
+    *,
+    batch_size: int,
+    max_length: int,
     pad_id: int,
 ) -> list[float]:
     """The summed log-likelihood of each request's continuation, in request order.
@@ -247,8 +256,14 @@ def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 
 @torch.inference_mode()
 def generate_batch(
-    model, tokenizer, prompts: Sequence[str], *, stop_strings: Sequence[str], max_new_tokens: int,
-    no_repeat_ngram_size: int = 0, max_length: int = FALLBACK_MAX_LENGTH,
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    stop_strings: Sequence[str],
+    max_new_tokens: int,
+    no_repeat_ngram_size: int = 0,
+    max_length: int = FALLBACK_MAX_LENGTH,
 ) -> list[str]:
     """Greedy continuations of ``prompts``, each cut at its first stop string or EOS."""
     from transformers import StoppingCriteriaList
@@ -383,19 +398,28 @@ class Scorer:
                 owner.append(k)
         requests = loglikelihood_requests(self.tokenizer, flat_ctx, flat_cont)
         lls = loglikelihoods(
-            self.model, requests, batch_size=self.batch_size, max_length=self.max_length,
+            self.model,
+            requests,
+            batch_size=self.batch_size,
+            max_length=self.max_length,
             pad_id=self.tokenizer.pad_token_id,
         )
         per_example: list[list[float]] = [[] for _ in examples]
         for k, ll in zip(owner, lls, strict=True):
             per_example[k].append(ll)
-        return [multiple_choice_record(ex, ll) for ex, ll in zip(examples, per_example, strict=True)]
+        return [
+            multiple_choice_record(ex, ll) for ex, ll in zip(examples, per_example, strict=True)
+        ]
 
     def _generate(self, examples, contexts) -> list[dict]:
         texts = generate_batch(
-            self.model, self.tokenizer, contexts, stop_strings=self.opts.stop_strings,
+            self.model,
+            self.tokenizer,
+            contexts,
+            stop_strings=self.opts.stop_strings,
             max_new_tokens=self.opts.max_new_tokens or self.task.max_new_tokens,
-            no_repeat_ngram_size=self.opts.no_repeat_ngram_size, max_length=self.max_length,
+            no_repeat_ngram_size=self.opts.no_repeat_ngram_size,
+            max_length=self.max_length,
         )
         make = _GENERATION_RECORDS[self.task.metric]
         return [make(ex, text) for ex, text in zip(examples, texts, strict=True)]
@@ -417,7 +441,9 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-def load_scorer(spec: ModelSpec, task: Task, opts: PredictOptions, *, batch_size: int, device: str) -> Scorer:
+def load_scorer(
+    spec: ModelSpec, task: Task, opts: PredictOptions, *, batch_size: int, device: str
+) -> Scorer:
     from muscle.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(spec)
@@ -428,8 +454,15 @@ def load_scorer(spec: ModelSpec, task: Task, opts: PredictOptions, *, batch_size
 # ------------------------------------------------------------------------ file identity
 
 # Sidecar keys that must match for a resumed run to append to a file.
-IDENTITY_KEYS = ("task", "split", "data_fingerprint", "model_fingerprint", "adapter_sha256",
-                 "dtype", "options")
+IDENTITY_KEYS = (
+    "task",
+    "split",
+    "data_fingerprint",
+    "model_fingerprint",
+    "adapter_sha256",
+    "dtype",
+    "options",
+)
 
 
 def model_identity(spec: ModelSpec) -> dict[str, Any]:
@@ -508,7 +541,9 @@ def _progress(total: int, enabled: bool, desc: str):
     return tqdm(total=total, desc=desc, unit="ex", disable=None if enabled else True)
 
 
-def _predict_batch(scorer: Scorer, examples: Sequence[Example], contexts: Sequence[str]) -> list[dict]:
+def _predict_batch(
+    scorer: Scorer, examples: Sequence[Example], contexts: Sequence[str]
+) -> list[dict]:
     """One batch of records (a seam: tests interrupt a run here)."""
     return scorer.records(examples, contexts)
 
@@ -548,12 +583,15 @@ def predict(
     check_base_exists(spec)
     if spec.adapter:
         check_adapter_matches_base(Path(spec.adapter), spec)
-    opts = task_options(task, num_fewshot=num_fewshot, max_new_tokens=max_new_tokens,
-                        fewshot_seed=fewshot_seed)
+    opts = task_options(
+        task, num_fewshot=num_fewshot, max_new_tokens=max_new_tokens, fewshot_seed=fewshot_seed
+    )
     out_path = Path(out_path)
 
     examples = load_examples(task, split, source=source, data_dir=data_dir)
-    pool = load_examples(task, "train", source=source, data_dir=data_dir) if opts.num_fewshot else []
+    pool = (
+        load_examples(task, "train", source=source, data_dir=data_dir) if opts.num_fewshot else []
+    )
     options = opts.to_dict()
     if pool:
         options["fewshot_fingerprint"] = dataset_fingerprint(task, pool)
@@ -572,13 +610,20 @@ def predict(
 
     selected = examples[:limit] if limit else examples
     device = resolve_device(device)
-    run = {"limit": limit, "batch_size": batch_size, "device": device, "muscle_version": __version__}
+    run = {
+        "limit": limit,
+        "batch_size": batch_size,
+        "device": device,
+        "muscle_version": __version__,
+    }
     with PredictionWriter(out_path) as writer:
         todo = [ex for ex in selected if ex.id not in writer.done_ids]
         write_meta(out_path, {**meta, "run": run, "status": "running"})
         if todo:
             scorer = load_scorer(spec, task, opts, batch_size=batch_size, device=device)
-            contexts = dict(zip([ex.id for ex in todo], build_contexts(task, todo, pool, opts), strict=True))
+            contexts = dict(
+                zip([ex.id for ex in todo], build_contexts(task, todo, pool, opts), strict=True)
+            )
             with _progress(len(todo), progress, f"{task.name} {meta['model']}") as bar:
                 for start in range(0, len(todo), batch_size):
                     batch = todo[start : start + batch_size]
@@ -587,12 +632,21 @@ def predict(
     records, _ = read_predictions(out_path)
     summary = summarize(task, records)
     write_meta(out_path, {**meta, "run": run, "status": "done", "summary": summary})
-    return {**summary, "task": task.name, "model": meta["model"], "out": str(out_path),
-            "written": len(todo)}
+    return {
+        **summary,
+        "task": task.name,
+        "model": meta["model"],
+        "out": str(out_path),
+        "written": len(todo),
+    }
 
 
 def format_summary(summary: dict[str, Any]) -> str:
     """One line: ``piqa v1: n=100 acc=0.5400 acc_norm=0.5600 -> preds.jsonl``."""
-    keys = [k for k in ("acc", "acc_norm", "exact_match", "exact_match_flexible", "rouge1") if k in summary]
+    keys = [
+        k
+        for k in ("acc", "acc_norm", "exact_match", "exact_match_flexible", "rouge1")
+        if k in summary
+    ]
     metrics = " ".join(f"{k}={summary[k]:.4f}" for k in keys)
     return f"{summary['task']} {summary['model']}: n={summary['n']} {metrics} -> {summary['out']}"

@@ -51,7 +51,9 @@ def resolve_dtype(name: str | torch.dtype, device: str | torch.device = "cpu") -
     try:
         return _DTYPES[name]
     except KeyError:
-        raise MuscleError(f"unknown dtype {name!r}: use float32, bfloat16, float16 or auto") from None
+        raise MuscleError(
+            f"unknown dtype {name!r}: use float32, bfloat16, float16 or auto"
+        ) from None
 
 
 def _split_gguf(spec: ModelSpec) -> tuple[str, str | None]:
@@ -73,7 +75,9 @@ def check_base_exists(spec: ModelSpec) -> None:
     if base.startswith((".", "/", "~")) or base.count("/") != 1:
         if gguf:  # name the file, not just the directory it should be in
             raise MuscleError(f"GGUF file not found: {Path(base) / gguf}")
-        raise MuscleError(f"base model not found: {base} (a local directory, a .gguf file or a hub id org/name)")
+        raise MuscleError(
+            f"base model not found: {base} (a local directory, a .gguf file or a hub id org/name)"
+        )
 
 
 def load_tokenizer(spec: ModelSpec):
@@ -131,8 +135,10 @@ def _bad_gguf(base: str, gguf: str, err: Exception) -> str:
     """One line for a file that the GGUF reader refuses (a truncated download, a git-lfs
     pointer, another format under a .gguf name)."""
     first = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return (f"{Path(base) / gguf} is not a readable GGUF file ({first}); "
-            "download it again or name another base")
+    return (
+        f"{Path(base) / gguf} is not a readable GGUF file ({first}); "
+        "download it again or name another base"
+    )
 
 
 def _dequantized_copy(model, dtype: torch.dtype):
@@ -181,7 +187,14 @@ def attach_lora(model, lora: LoraSpec):
     return get_peft_model(model, cfg)
 
 
-def load_adapter(model, adapter_dir: str | Path, *, trainable: bool = False, base_spec: ModelSpec | None = None, adapter_name: str = "default"):
+def load_adapter(
+    model,
+    adapter_dir: str | Path,
+    *,
+    trainable: bool = False,
+    base_spec: ModelSpec | None = None,
+    adapter_name: str = "default",
+):
     """Load a PEFT adapter onto ``model``; refuse one whose recorded base differs from ours."""
     from peft import PeftModel
 
@@ -190,7 +203,9 @@ def load_adapter(model, adapter_dir: str | Path, *, trainable: bool = False, bas
         raise MuscleError(f"not a PEFT adapter directory (no adapter_config.json): {adapter_dir}")
     if base_spec is not None:
         check_adapter_matches_base(adapter_dir, base_spec)
-    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable, adapter_name=adapter_name)
+    return PeftModel.from_pretrained(
+        model, str(adapter_dir), is_trainable=trainable, adapter_name=adapter_name
+    )
 
 
 def check_adapter_matches_base(adapter_dir: Path, base_spec: ModelSpec) -> None:
@@ -206,7 +221,9 @@ def check_adapter_matches_base(adapter_dir: Path, base_spec: ModelSpec) -> None:
             )
 
 
-def load_model(spec: ModelSpec, device: str | torch.device = "cpu", *, trainable_adapter: bool = False):
+def load_model(
+    spec: ModelSpec, device: str | torch.device = "cpu", *, trainable_adapter: bool = False
+):
     """Base (+ adapter if ``spec.adapter``): the task model ``M = base + Delta`` of the paper."""
     model = load_base(spec, device)
     if spec.adapter:
@@ -247,8 +264,14 @@ def base_fingerprint(spec: ModelSpec) -> str:
     if not root.exists():
         return _sha(f"hub:{base}@{spec.revision or 'main'}".encode())[:16]
     h = hashlib.sha256()
-    files = [root / gguf] if gguf else sorted(
-        p for p in root.iterdir() if p.suffix in (".safetensors", ".bin", ".json") and p.name != SIDECAR
+    files = (
+        [root / gguf]
+        if gguf
+        else sorted(
+            p
+            for p in root.iterdir()
+            if p.suffix in (".safetensors", ".bin", ".json") and p.name != SIDECAR
+        )
     )
     for p in files:
         if p.name in ("config.json",) or p.suffix in (".safetensors", ".bin", ".gguf"):
@@ -324,15 +347,29 @@ def save_adapter(peft_model, out_dir: str | Path, sidecar: dict) -> None:
 
 def describe_model(spec: ModelSpec) -> dict:
     """Provenance of a task model, for sidecars and cache attributes."""
-    out = {"base": spec.base, "revision": spec.revision, "gguf_file": spec.gguf_file,
-           "base_fingerprint": base_fingerprint(spec), "adapter": spec.adapter, "adapter_sha256": None}
+    out = {
+        "base": spec.base,
+        "revision": spec.revision,
+        "gguf_file": spec.gguf_file,
+        "base_fingerprint": base_fingerprint(spec),
+        "adapter": spec.adapter,
+        "adapter_sha256": None,
+    }
     if spec.adapter:
         out["adapter_sha256"] = adapter_sha256(spec.adapter)
     return out
 
 
-def tiny_llama(vocab_size: int, *, hidden: int = 64, layers: int = 2, heads: int = 4, seed: int = 0,
-               max_positions: int = 512, initializer_range: float = 0.02):
+def tiny_llama(
+    vocab_size: int,
+    *,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    seed: int = 0,
+    max_positions: int = 512,
+    initializer_range: float = 0.02,
+):
     """A tiny randomly initialised Llama, for tests and examples (no download)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 

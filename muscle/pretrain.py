@@ -106,8 +106,17 @@ def _test_profile() -> PairProfile:
     # 60 steps take v1 past the unigram plateau, so v2's extra training shows in the loss.
     shape = ModelShape(hidden_size=64, num_layers=2, num_heads=2, max_position=256)
     v1 = PretrainConfig(
-        shape=shape, seq_len=64, batch_size=16, steps=60, warmup_steps=5, lr=1e-2,
-        data_fraction=0.6, data_seed=1, eval_tokens=4096, precision="fp32", threads=1,
+        shape=shape,
+        seq_len=64,
+        batch_size=16,
+        steps=60,
+        warmup_steps=5,
+        lr=1e-2,
+        data_fraction=0.6,
+        data_seed=1,
+        eval_tokens=4096,
+        precision="fp32",
+        threads=1,
     )
     v2 = dataclasses.replace(v1, data_fraction=1.0, data_seed=2, seed=1, lr=5e-3)
     return PairProfile(vocab_size=512, v1=v1, v2=v2, heldout_articles=2, max_docs=30)
@@ -288,8 +297,9 @@ def pack_documents(tokenizer, docs: Sequence[str], seq_len: int) -> torch.Tensor
     # "longer than model_max_length" warning, which does not apply before packing.
     ids = [enc.ids for enc in tokenizer.backend_tokenizer.encode_batch(list(docs))]
     eos = tokenizer.eos_token_id
-    flat = torch.from_numpy(np.fromiter(
-        itertools.chain.from_iterable((*doc, eos) for doc in ids), dtype=np.int64))
+    flat = torch.from_numpy(
+        np.fromiter(itertools.chain.from_iterable((*doc, eos) for doc in ids), dtype=np.int64)
+    )
     n_blocks = flat.numel() // seq_len
     return flat[: n_blocks * seq_len].view(n_blocks, seq_len)
 
@@ -387,13 +397,15 @@ def pretrain(
 
     with _num_threads(config.threads):
         model, info = _train_model(config, tokenizer, texts, init_from, heldout, progress)
-    info.update({
-        "config": dataclasses.asdict(config),
-        "init_from": str(init_from) if init_from is not None else None,
-        "init_from_fingerprint": parent_fp,
-        "corpus_fingerprint": corpus_fp,
-        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-    })
+    info.update(
+        {
+            "config": dataclasses.asdict(config),
+            "init_from": str(init_from) if init_from is not None else None,
+            "init_from_fingerprint": parent_fp,
+            "corpus_fingerprint": corpus_fp,
+            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        }
+    )
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
@@ -431,8 +443,9 @@ def _train_model(config: PretrainConfig, tokenizer, texts, init_from, heldout, p
         eval_blocks = pack_documents(tokenizer, heldout, config.seq_len)
         eval_blocks = eval_blocks[: max(1, config.eval_tokens // config.seq_len)]
         loss = heldout_loss(model, eval_blocks)
-        info.update(heldout_loss=loss, heldout_ppl=math.exp(loss),
-                    heldout_tokens=int(eval_blocks.numel()))
+        info.update(
+            heldout_loss=loss, heldout_ppl=math.exp(loss), heldout_tokens=int(eval_blocks.numel())
+        )
     return model, info
 
 
@@ -454,9 +467,12 @@ def _train_loop(model, blocks: torch.Tensor, cfg: PretrainConfig, progress: bool
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]  # norms: no weight decay
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.95),
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
     )
     bf16 = use_bf16(cfg.precision)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -487,10 +503,19 @@ def _train_loop(model, blocks: torch.Tensor, cfg: PretrainConfig, progress: bool
 
 
 def _check_shape(have, want) -> None:
-    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-            "num_attention_heads", "num_key_value_heads")
-    diff = {k: (getattr(have, k), getattr(want, k)) for k in keys
-            if getattr(have, k) != getattr(want, k)}
+    keys = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+    )
+    diff = {
+        k: (getattr(have, k), getattr(want, k))
+        for k in keys
+        if getattr(have, k) != getattr(want, k)
+    }
     if diff:
         raise ValueError(f"init_from model does not match config.shape (have, want): {diff}")
 
@@ -518,13 +543,25 @@ def build_model_pair(
     out_root = Path(out_root)
     corpus = build_corpus(data_dir, heldout_articles=prof.heldout_articles, max_docs=prof.max_docs)
     tokenizer = train_tokenizer(corpus.train, prof.vocab_size, out_root / "tokenizer")
-    v1 = pretrain(prof.v1, tokenizer, corpus.train, out_root / "v1",
-                  heldout=corpus.heldout, progress=progress)
-    v2 = pretrain(prof.v2, tokenizer, corpus.train, out_root / "v2", init_from=v1,
-                  heldout=corpus.heldout, progress=progress)
-    summary = {name: {k: _read_meta(d).get(k) for k in ("heldout_loss", "heldout_ppl",
-                                                         "tokens_seen", "train_seconds")}
-               for name, d in (("v1", v1), ("v2", v2))}
+    v1 = pretrain(
+        prof.v1, tokenizer, corpus.train, out_root / "v1", heldout=corpus.heldout, progress=progress
+    )
+    v2 = pretrain(
+        prof.v2,
+        tokenizer,
+        corpus.train,
+        out_root / "v2",
+        init_from=v1,
+        heldout=corpus.heldout,
+        progress=progress,
+    )
+    summary = {
+        name: {
+            k: _read_meta(d).get(k)
+            for k in ("heldout_loss", "heldout_ppl", "tokens_seen", "train_seconds")
+        }
+        for name, d in (("v1", v1), ("v2", v2))
+    }
     (out_root / "pair.json").write_text(json.dumps(summary, indent=2) + "\n")
     return v1, v2
 

@@ -165,7 +165,9 @@ def _align(table: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     lines = []
     for r in table:
-        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)]
+        cells = [r[0].ljust(widths[0])] + [
+            c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)
+        ]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
 
@@ -213,8 +215,12 @@ def render_markdown(report: CompareReport) -> str:
     if _has_na(report):
         parts += ["", NA_NOTE]
     if report.paper_row is not None:
-        parts += ["", "### Paper table row (v1, v2, v2c)", "", _markdown_table(paper_table(
-            report.paper_row))]
+        parts += [
+            "",
+            "### Paper table row (v1, v2, v2c)",
+            "",
+            _markdown_table(paper_table(report.paper_row)),
+        ]
     return "\n".join(parts) + "\n"
 
 
@@ -248,12 +254,20 @@ def _quadrant_panel(ax: Any, result: CompareResult) -> None:
     for col, row, key, label in cells:
         count = getattr(result, key)
         ax.add_patch(_rect(col, 1 - row, COLORS[key]))
-        ax.text(col + 0.5, 1.5 - row, f"{label}\n{count}\n({100 * count / result.n:.1f}%)",
-                ha="center", va="center", fontsize=10)
+        ax.text(
+            col + 0.5,
+            1.5 - row,
+            f"{label}\n{count}\n({100 * count / result.n:.1f}%)",
+            ha="center",
+            va="center",
+            fontsize=10,
+        )
     ax.set_xticks([0.5, 1.5], ["NEW right", "NEW wrong"])
     ax.set_yticks([1.5, 0.5], ["OLD right", "OLD wrong"])
-    ax.set_title(f"NFR {fmt_pct(result.nfr)}   PFR {fmt_pct(result.pfr)}   "
-                 f"NFR_mc {fmt_pct(result.nfr_mc)}", fontsize=10)
+    ax.set_title(
+        f"NFR {fmt_pct(result.nfr)}   PFR {fmt_pct(result.pfr)}   NFR_mc {fmt_pct(result.nfr_mc)}",
+        fontsize=10,
+    )
     _square(ax)
 
 
@@ -268,8 +282,14 @@ def _smooth_panel(ax: Any, result: CompareResult) -> None:
     ]
     for i, (label, count, color) in enumerate(cells):
         ax.add_patch(_rect(0, 2 - i, color, width=2))
-        ax.text(1, 2.5 - i, f"{label}: {count} ({100 * count / result.n:.1f}%)",
-                ha="center", va="center", fontsize=10)
+        ax.text(
+            1,
+            2.5 - i,
+            f"{label}: {count} ({100 * count / result.n:.1f}%)",
+            ha="center",
+            va="center",
+            fontsize=10,
+        )
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title("no right/wrong: signs of D", fontsize=10)
@@ -307,18 +327,37 @@ def _delta_panel(ax: Any, result: CompareResult) -> None:
     pos = [d for d in deltas if d > 0]
     n_zero = len(deltas) - len(neg) - len(pos)
     if all(d in (-1.0, 0.0, 1.0) for d in deltas):  # right/wrong scores: three bars
-        ax.bar([-1, 0, 1], [len(neg), n_zero, len(pos)], width=0.9,
-               color=[HIST_COLORS["neg"], HIST_COLORS["zero"], HIST_COLORS["pos"]])
+        ax.bar(
+            [-1, 0, 1],
+            [len(neg), n_zero, len(pos)],
+            width=0.9,
+            color=[HIST_COLORS["neg"], HIST_COLORS["zero"], HIST_COLORS["pos"]],
+        )
         ax.set_xticks([-1, 0, 1], ["−1\n(regression)", "0\n(unchanged)", "+1\n(gain)"])
     else:
         reach = max(abs(d) for d in deltas)
         nbins = 20  # per side
-        ax.hist(neg, bins=[-reach + i * reach / nbins for i in range(nbins + 1)],
-                color=HIST_COLORS["neg"], edgecolor="white", linewidth=0.5)
-        ax.hist(pos, bins=[i * reach / nbins for i in range(nbins + 1)],
-                color=HIST_COLORS["pos"], edgecolor="white", linewidth=0.5)
-        ax.bar([0], [n_zero], width=reach / nbins / 2, color=HIST_COLORS["zero"],
-               label=f"D = 0 exactly: {n_zero}")
+        ax.hist(
+            neg,
+            bins=[-reach + i * reach / nbins for i in range(nbins + 1)],
+            color=HIST_COLORS["neg"],
+            edgecolor="white",
+            linewidth=0.5,
+        )
+        ax.hist(
+            pos,
+            bins=[i * reach / nbins for i in range(nbins + 1)],
+            color=HIST_COLORS["pos"],
+            edgecolor="white",
+            linewidth=0.5,
+        )
+        ax.bar(
+            [0],
+            [n_zero],
+            width=reach / nbins / 2,
+            color=HIST_COLORS["zero"],
+            label=f"D = 0 exactly: {n_zero}",
+        )
         ax.axvline(0, color="black", linewidth=0.6)
         ax.set_xlim(-reach * 1.05, reach * 1.05)
         ax.legend(frameon=False, fontsize=9, loc="upper left")

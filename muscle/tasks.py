@@ -248,7 +248,9 @@ def default_data_dir() -> Path | None:
 def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> list[dict]:
     """Read a JSONL file; a bad line is a one-line error naming the file and line number."""
     if not path.is_file():
-        raise MuscleError(f"data file not found: {path} (pass --data-dir pointing at the task data)")
+        raise MuscleError(
+            f"data file not found: {path} (pass --data-dir pointing at the task data)"
+        )
     records = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -345,7 +347,9 @@ def load_examples(
             examples = examples[:max_examples]
     else:
         if max_examples is not None and max_examples < len(examples):
-            keep = np.sort(np.random.default_rng(split_seed).permutation(len(examples))[:max_examples])
+            keep = np.sort(
+                np.random.default_rng(split_seed).permutation(len(examples))[:max_examples]
+            )
             examples = [examples[i] for i in keep]
         train_idx, val_idx = split_indices(len(examples), val_fraction, split_seed)
         examples = [examples[i] for i in (train_idx if split == "train" else val_idx)]

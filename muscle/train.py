@@ -156,7 +156,9 @@ def _claim_run_dir(run: RunDir, fp: str, identity: dict, overwrite: bool) -> str
                 )
             shutil.rmtree(run.path)
         elif prev is None:
-            raise MuscleError(f"{run.path} is not empty and holds no muscle run: choose another --out")
+            raise MuscleError(
+                f"{run.path} is not empty and holds no muscle run: choose another --out"
+            )
         elif prev.get("fingerprint") != fp:
             raise MuscleError(
                 f"{run.path} holds a different run ({prev.get('kind')}, started "
@@ -167,8 +169,15 @@ def _claim_run_dir(run: RunDir, fp: str, identity: dict, overwrite: bool) -> str
         else:
             return "resume"
     run.path.mkdir(parents=True, exist_ok=True)
-    run.write_run({"fingerprint": fp, "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                   "muscle_version": __version__, **identity})
+    run.write_run(
+        {
+            "fingerprint": fp,
+            "status": "running",
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "muscle_version": __version__,
+            **identity,
+        }
+    )
     return "new"
 
 
@@ -283,7 +292,9 @@ class Stepper:
             return self.model
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return DistributedDataParallel(
+            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+        )
 
     def backward(self, loss: torch.Tensor, boundary: bool) -> None:
         (loss / self.cfg.grad_accum).backward()
@@ -322,7 +333,14 @@ class DeepSpeedStepper(Stepper):
     whole on every rank under ZeRO <= 2, so the adapter is saved from the plain model.
     """
 
-    def __init__(self, model, cfg: TrainConfig, total_steps: int, device: torch.device, ds_config: str | Path | dict):
+    def __init__(
+        self,
+        model,
+        cfg: TrainConfig,
+        total_steps: int,
+        device: torch.device,
+        ds_config: str | Path | dict,
+    ):
         self.ds_config = ds_config
         super().__init__(model, cfg, total_steps, device)
 
@@ -331,11 +349,16 @@ class DeepSpeedStepper(Stepper):
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
 
-        info = distributed.init(self.device, always=True)  # DeepSpeed needs a process group, even of one
+        info = distributed.init(
+            self.device, always=True
+        )  # DeepSpeed needs a process group, even of one
         config = resolve_deepspeed_config(self.ds_config, self.cfg, info.world_size)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.model, model_parameters=self.params, optimizer=self.optimizer,
-            lr_scheduler=self.scheduler, config=config,
+            model=self.model,
+            model_parameters=self.params,
+            optimizer=self.optimizer,
+            lr_scheduler=self.scheduler,
+            config=config,
         )
         return self.engine
 
@@ -351,8 +374,12 @@ class DeepSpeedStepper(Stepper):
         if distributed.dist_info().is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         distributed.barrier()
-        self.engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state={"state": state, "rng": torch.get_rng_state()},
-                                    exclude_frozen_parameters=True)
+        self.engine.save_checkpoint(
+            str(tmp),
+            tag=DS_TAG,
+            client_state={"state": state, "rng": torch.get_rng_state()},
+            exclude_frozen_parameters=True,
+        )
         distributed.barrier()
         if distributed.dist_info().is_main:
             commit_checkpoint(run, tmp)
@@ -362,10 +389,14 @@ class DeepSpeedStepper(Stepper):
         latest = checkpoint_file(run, "latest")
         if latest is None:
             return None
-        path, client = self.engine.load_checkpoint(str(latest.parent), tag=DS_TAG, load_module_strict=False)
+        path, client = self.engine.load_checkpoint(
+            str(latest.parent), tag=DS_TAG, load_module_strict=False
+        )
         if path is None:
-            raise MuscleError(f"cannot resume from {latest.parent}: DeepSpeed could not load it "
-                              "(another world size?); use --overwrite to start again")
+            raise MuscleError(
+                f"cannot resume from {latest.parent}: DeepSpeed could not load it "
+                "(another world size?); use --overwrite to start again"
+            )
         torch.set_rng_state(client["rng"])
         return client["state"]
 
@@ -375,13 +406,17 @@ def _owned(cfg: TrainConfig, world_size: int) -> dict:
     return {
         "train_micro_batch_size_per_gpu": (cfg.batch_size, "--batch-size"),
         "gradient_accumulation_steps": (cfg.grad_accum, "--grad-accum"),
-        "train_batch_size": (cfg.batch_size * cfg.grad_accum * world_size, "--batch-size x --grad-accum x ranks"),
+        "train_batch_size": (
+            cfg.batch_size * cfg.grad_accum * world_size,
+            "--batch-size x --grad-accum x ranks",
+        ),
         "gradient_clipping": (float(cfg.max_grad_norm or 0.0), "max_grad_norm"),
     }
 
 
-def resolve_deepspeed_config(src: str | Path | dict, cfg: TrainConfig, world_size: int = 1, *,
-                             check_installed: bool = True) -> dict:
+def resolve_deepspeed_config(
+    src: str | Path | dict, cfg: TrainConfig, world_size: int = 1, *, check_installed: bool = True
+) -> dict:
     """The DeepSpeed config of a run: the user's JSON (a path or a dict) with the values that
     :class:`TrainConfig` owns filled in where it leaves them out or says ``"auto"``.
 
@@ -397,30 +432,40 @@ def resolve_deepspeed_config(src: str | Path | dict, cfg: TrainConfig, world_siz
         try:
             user = json.loads(Path(src).read_text())
         except OSError as e:
-            raise MuscleError(f"cannot read the DeepSpeed config {src}: {e.strerror or e}") from None
+            raise MuscleError(
+                f"cannot read the DeepSpeed config {src}: {e.strerror or e}"
+            ) from None
         except json.JSONDecodeError as e:
             raise MuscleError(f"the DeepSpeed config {src} is not valid JSON: {e}") from None
     if not isinstance(user, dict):
         raise MuscleError("the DeepSpeed config must be a JSON object")
     for key in ("optimizer", "scheduler"):
         if key in user:
-            raise MuscleError(f"remove {key!r} from the DeepSpeed config: muscle supplies its own AdamW "
-                              "and warmup/decay schedule (--lr, --warmup, --weight-decay)")
+            raise MuscleError(
+                f"remove {key!r} from the DeepSpeed config: muscle supplies its own AdamW "
+                "and warmup/decay schedule (--lr, --warmup, --weight-decay)"
+            )
     zero = user.get("zero_optimization") or {}
     stage = zero.get("stage", 0) if isinstance(zero, dict) else None
     if stage not in (0, 1, 2):
-        raise MuscleError(f"DeepSpeed ZeRO stage {stage!r} is not supported: use stage 0, 1 or 2 "
-                          "(stage 3 shards the parameters; the adapter is trained and saved whole)")
+        raise MuscleError(
+            f"DeepSpeed ZeRO stage {stage!r} is not supported: use stage 0, 1 or 2 "
+            "(stage 3 shards the parameters; the adapter is trained and saved whole)"
+        )
     out = dict(user)
     for key, (value, option) in _owned(cfg, world_size).items():
         given = user.get(key, "auto")
         if given == "auto":
             out[key] = value
         elif given != value:
-            raise MuscleError(f"the DeepSpeed config sets {key}={given!r} but the run has {value!r} "
-                              f"({option}): set it with the muscle option, or write \"auto\"")
+            raise MuscleError(
+                f"the DeepSpeed config sets {key}={given!r} but the run has {value!r} "
+                f'({option}): set it with the muscle option, or write "auto"'
+            )
     if check_installed and importlib.util.find_spec("deepspeed") is None:
-        raise MuscleError("--deepspeed needs DeepSpeed: pip install --no-build-isolation 'muscle-llm[distributed]'")
+        raise MuscleError(
+            "--deepspeed needs DeepSpeed: pip install --no-build-isolation 'muscle-llm[distributed]'"
+        )
     return out
 
 
@@ -446,7 +491,9 @@ class FitResult:
 
 
 @torch.no_grad()
-def evaluate_loss(model, objective: Objective, batches: Iterator[Batch], device) -> dict[str, float]:
+def evaluate_loss(
+    model, objective: Objective, batches: Iterator[Batch], device
+) -> dict[str, float]:
     """Token-weighted means of the objective's stats over a split."""
     model.eval()
     sums: dict[str, float] = {}
@@ -491,14 +538,27 @@ def fit(
         stepper = Stepper(model, cfg, total_steps, device)
     else:
         stepper = DeepSpeedStepper(model, cfg, total_steps, device, deepspeed_config)
-    state = {"epoch": 0, "batch": 0, "step": 0, "best_val": math.inf, "best_epoch": -1, "log_lines": 0}
+    state = {
+        "epoch": 0,
+        "batch": 0,
+        "step": 0,
+        "best_val": math.inf,
+        "best_epoch": -1,
+        "log_lines": 0,
+    }
     resumed = stepper.load(run)
     if resumed is not None:
         state = resumed
         truncate_log(run, state["log_lines"])
     model.train()
-    bar = tqdm(total=total_steps, initial=state["step"], desc=f"train[{objective.name}]", unit="step",
-               dynamic_ncols=True, disable=None if info.is_main else True)
+    bar = tqdm(
+        total=total_steps,
+        initial=state["step"],
+        desc=f"train[{objective.name}]",
+        unit="step",
+        dynamic_ncols=True,
+        disable=None if info.is_main else True,
+    )
     t0, tokens_seen = time.perf_counter(), 0.0
     micro, acc_stats = 0, {}
 
@@ -525,14 +585,21 @@ def fit(
             stepper.step()
             state["step"] += 1
             row = {k: v / micro for k, v in acc_stats.items() if k != "n_tokens"}
-            row |= {"split": "train", "step": state["step"], "epoch": epoch,
-                    "lr": stepper.lr, "n_tokens": acc_stats.get("n_tokens", 0.0),
-                    "tokens_per_s": tokens_seen / max(time.perf_counter() - t0, 1e-9)}
+            row |= {
+                "split": "train",
+                "step": state["step"],
+                "epoch": epoch,
+                "lr": stepper.lr,
+                "n_tokens": acc_stats.get("n_tokens", 0.0),
+                "tokens_per_s": tokens_seen / max(time.perf_counter() - t0, 1e-9),
+            }
             micro, acc_stats = 0, {}
             if state["step"] % cfg.log_every == 0 and info.is_main:
                 append_log(run, row)
             bar.update(1)
-            bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            bar.set_postfix(
+                loss=f"{row.get('loss', float('nan')):.4f}", tok_s=f"{row['tokens_per_s']:.0f}"
+            )
             if state["step"] % cfg.checkpoint_every == 0:
                 checkpoint()
             if stop_after_steps is not None and state["step"] >= stop_after_steps:
@@ -567,9 +634,13 @@ def finish_run(run: RunDir, result: FitResult) -> None:
     if not distributed.dist_info().is_main:
         return
     info = run.read_run() or {}
-    info |= {"status": "done", "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-             "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
-             "steps": result.steps}
+    info |= {
+        "status": "done",
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "best_epoch": result.best_epoch,
+        "best_val_loss": result.best_val_loss,
+        "steps": result.steps,
+    }
     run.write_run(info)
     shutil.rmtree(run.ckpt, ignore_errors=True)
 
@@ -611,14 +682,30 @@ def train_task_adapter(
     task = get_task(data_cfg.task)
     dev = pick_device(device)
     dinfo = distributed.init(dev)
-    ds = None if deepspeed_config is None else resolve_deepspeed_config(deepspeed_config, train_cfg, dinfo.world_size)
+    ds = (
+        None
+        if deepspeed_config is None
+        else resolve_deepspeed_config(deepspeed_config, train_cfg, dinfo.world_size)
+    )
     tok = load_tokenizer(model)
-    train_ex = load_examples(task, "train", source=data_cfg.source, data_dir=data_cfg.data_dir,
-                             val_fraction=data_cfg.val_fraction, split_seed=data_cfg.split_seed,
-                             max_examples=data_cfg.max_examples)
-    val_ex = load_examples(task, "validation", source=data_cfg.source, data_dir=data_cfg.data_dir,
-                           val_fraction=data_cfg.val_fraction, split_seed=data_cfg.split_seed,
-                           max_examples=data_cfg.max_examples)
+    train_ex = load_examples(
+        task,
+        "train",
+        source=data_cfg.source,
+        data_dir=data_cfg.data_dir,
+        val_fraction=data_cfg.val_fraction,
+        split_seed=data_cfg.split_seed,
+        max_examples=data_cfg.max_examples,
+    )
+    val_ex = load_examples(
+        task,
+        "validation",
+        source=data_cfg.source,
+        data_dir=data_cfg.data_dir,
+        val_fraction=data_cfg.val_fraction,
+        split_seed=data_cfg.split_seed,
+        max_examples=data_cfg.max_examples,
+    )
     identity = {
         "kind": "task",
         "task": task.name,
@@ -628,33 +715,62 @@ def train_task_adapter(
         "data": to_dict(data_cfg),
         "dataset_fingerprint": dataset_fingerprint(task, train_ex + val_ex),
         "lora": to_dict(lora),
-        "train": {k: v for k, v in to_dict(train_cfg).items() if k not in ("checkpoint_every", "log_every")},
+        "train": {
+            k: v
+            for k, v in to_dict(train_cfg).items()
+            if k not in ("checkpoint_every", "log_every")
+        },
     }
     if ds is not None:
         identity["deepspeed"] = ds  # its checkpoints are ZeRO partitions: resume only the same way
     run, run_state = prepare_run_dir(out_dir, identity, overwrite=overwrite)
     if run_state == "done":
         info = run.read_run()
-        tqdm.write(f"{run.path}: already trained (best epoch {info.get('best_epoch')}); "
-                   "use --overwrite to train again")
-        return TaskTrainResult(run.path, "already done", info.get("best_epoch", -1), info.get("best_val_loss", math.nan))
+        tqdm.write(
+            f"{run.path}: already trained (best epoch {info.get('best_epoch')}); "
+            "use --overwrite to train again"
+        )
+        return TaskTrainResult(
+            run.path,
+            "already done",
+            info.get("best_epoch", -1),
+            info.get("best_val_loss", math.nan),
+        )
 
     torch.manual_seed(train_cfg.seed)
     base = load_base(model, dev)
     max_len = data_cfg.max_length or model_max_length(base)
-    enc_kw = {"answer_only": data_cfg.answer_only, "max_length": max_len, "truncation": data_cfg.truncation}
+    enc_kw = {
+        "answer_only": data_cfg.answer_only,
+        "max_length": max_len,
+        "truncation": data_cfg.truncation,
+    }
     train_enc = encode_examples(tok, task, train_ex, **enc_kw)
     val_enc = encode_examples(tok, task, val_ex, **enc_kw)
     if model.adapter:
-        peft_model = load_adapter(base, model.adapter, trainable=True, base_spec=ModelSpec(model.base, None, model.revision, model.gguf_file, model.dtype))
+        peft_model = load_adapter(
+            base,
+            model.adapter,
+            trainable=True,
+            base_spec=ModelSpec(model.base, None, model.revision, model.gguf_file, model.dtype),
+        )
     else:
         peft_model = attach_lora(base, lora)
     peft_model.to(dev)
     pad = tok.pad_token_id
     bs, seed = train_cfg.batch_size, train_cfg.seed
     data = Data(
-        train=lambda epoch, skip: iter_batches(train_enc, bs, pad, shuffle=True, seed=seed, epoch=epoch,
-                                               skip=skip, rank=dinfo.rank, world_size=dinfo.world_size),
+        train=lambda epoch, skip: iter_batches(
+            train_enc,
+            bs,
+            pad,
+            shuffle=True,
+            seed=seed,
+            epoch=epoch,
+            skip=skip,
+            rank=dinfo.rank,
+            world_size=dinfo.world_size,
+        ),
         validation=lambda: iter_batches(val_enc, bs, pad, shuffle=False),
         batches_per_epoch=num_batches(len(train_enc), bs * dinfo.world_size),
     )
@@ -663,8 +779,12 @@ def train_task_adapter(
         "kind": "task",
         "muscle_version": __version__,
         "task": task.name,
-        "base": {"path": model.base, "revision": model.revision, "gguf_file": model.gguf_file,
-                 "fingerprint": identity["base_fingerprint"]},
+        "base": {
+            "path": model.base,
+            "revision": model.revision,
+            "gguf_file": model.gguf_file,
+            "fingerprint": identity["base_fingerprint"],
+        },
         "tokenizer_fingerprint": tokenizer_fingerprint(tok),
         "data": to_dict(data_cfg),
         "dataset_fingerprint": identity["dataset_fingerprint"],
@@ -676,7 +796,16 @@ def train_task_adapter(
     def save_best(epoch: int, val: dict) -> None:
         save_adapter(peft_model, run.path, sidecar_base | {"best_epoch": epoch, "validation": val})
 
-    result = fit(peft_model, CrossEntropyObjective(), data, train_cfg, run, save_best=save_best,
-                 device=dev, stop_after_steps=stop_after_steps, deepspeed_config=ds)
+    result = fit(
+        peft_model,
+        CrossEntropyObjective(),
+        data,
+        train_cfg,
+        run,
+        save_best=save_best,
+        device=dev,
+        stop_after_steps=stop_after_steps,
+        deepspeed_config=ds,
+    )
     finish_run(run, result)
     return TaskTrainResult(run.path, "trained", result.best_epoch, result.best_val_loss)

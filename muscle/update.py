@@ -64,10 +64,12 @@ def load_update_config(path: str | Path) -> UpdateConfig:
     models: dict[str, ModelSpec] = {}
     for name, entry in (raw.get("models") or {}).items():
         if not isinstance(entry, dict) or "base" not in entry:
-            raise MuscleError(f"{path}: [models.{name}] needs at least base = \"...\"")
+            raise MuscleError(f'{path}: [models.{name}] needs at least base = "..."')
         unknown = set(entry) - _MODEL_KEYS
         if unknown:
-            raise MuscleError(f"{path}: [models.{name}] has unknown key(s) {', '.join(sorted(unknown))}")
+            raise MuscleError(
+                f"{path}: [models.{name}] has unknown key(s) {', '.join(sorted(unknown))}"
+            )
         models[name] = ModelSpec(
             base=_resolve_path(entry["base"], root),
             adapter=_resolve_path(entry.get("adapter"), root),
@@ -99,8 +101,18 @@ def resolve_model(
             raise MuscleError(f"unknown model {model!r} in {config}: it names {known}")
         spec = cfg.models[model]
         if adapter or dtype:
-            spec = ModelSpec(spec.base, adapter or spec.adapter, spec.revision, spec.gguf_file, dtype or spec.dtype)
+            spec = ModelSpec(
+                spec.base,
+                adapter or spec.adapter,
+                spec.revision,
+                spec.gguf_file,
+                dtype or spec.dtype,
+            )
         return model, spec
     if base is None:
-        raise MuscleError("name a model: --base PATH [--adapter DIR], or --config FILE --model NAME")
-    return Path(adapter).name if adapter else Path(base).name, ModelSpec(base, adapter, dtype=dtype or "float32")
+        raise MuscleError(
+            "name a model: --base PATH [--adapter DIR], or --config FILE --model NAME"
+        )
+    return Path(adapter).name if adapter else Path(base).name, ModelSpec(
+        base, adapter, dtype=dtype or "float32"
+    )

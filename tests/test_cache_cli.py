@@ -17,8 +17,23 @@ from muscle.cli.cache import main
 from tiny import SHARED_DATA, make_model_dir, run_cli_main
 
 REPO = Path(__file__).resolve().parents[1]
-COMMON = ["--task", "piqa", "--data-dir", str(SHARED_DATA), "--max-examples", "40", "--k", "16",
-          "--chunk-tokens", "64", "--shard-chunks", "2", "--batch-size", "4", "--quiet"]
+COMMON = [
+    "--task",
+    "piqa",
+    "--data-dir",
+    str(SHARED_DATA),
+    "--max-examples",
+    "40",
+    "--k",
+    "16",
+    "--chunk-tokens",
+    "64",
+    "--shard-chunks",
+    "2",
+    "--batch-size",
+    "4",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +55,9 @@ def run_main(args, capsys):
 def test_build_inspect_verify(setup, capsys):
     code, out, _ = run_main(["inspect", str(setup["ref"])], capsys)
     assert code == 0 and "teacher v1: complete" in out and "B/token" in out
-    code, out, _ = run_main(["verify", str(setup["ref"]), "--model", "v1", "--sample", "16"],
-                            capsys)
+    code, out, _ = run_main(
+        ["verify", str(setup["ref"]), "--model", "v1", "--sample", "16"], capsys
+    )
     assert code == 0 and "ids exact 100.0%" in out and out.strip().endswith("ok")
 
 
@@ -56,8 +72,10 @@ def test_build_inspect_verify(setup, capsys):
 )
 def test_build_errors_are_one_line(setup, capsys, args, match):
     args = [a.replace("{fresh}", str(setup["root"] / "fresh")) for a in args]
-    code, _, err = run_main(["build", "--config", str(setup["config"]), "--out",
-                             str(setup["ref"]), *COMMON, *args], capsys)
+    code, _, err = run_main(
+        ["build", "--config", str(setup["config"]), "--out", str(setup["ref"]), *COMMON, *args],
+        capsys,
+    )
     assert code == 2
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: ") and match in last
@@ -66,8 +84,10 @@ def test_build_errors_are_one_line(setup, capsys, args, match):
 def test_rebuilding_a_complete_teacher_is_a_no_op(setup, capsys):
     ref = setup["ref"]
     before = {p: p.stat().st_mtime_ns for p in ref.rglob("*") if p.is_file()}
-    code, out, _ = run_main(["build", "--config", str(setup["config"]), "--out", str(ref), *COMMON,
-                             "--model", "v1"], capsys)
+    code, out, _ = run_main(
+        ["build", "--config", str(setup["config"]), "--out", str(ref), *COMMON, "--model", "v1"],
+        capsys,
+    )
     assert code == 0 and "already complete" in out and "nothing to do" in out
     assert {p: p.stat().st_mtime_ns for p in ref.rglob("*") if p.is_file()} == before
 
@@ -78,8 +98,20 @@ def test_verify_unknown_teacher(setup, capsys):
 
 
 def _cli(out: Path, setup, env=None, extra=()) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "muscle.cli.cache", "build", "--config", str(setup["config"]),
-           "--model", "v1", "--out", str(out), *COMMON, *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "muscle.cli.cache",
+        "build",
+        "--config",
+        str(setup["config"]),
+        "--model",
+        "v1",
+        "--out",
+        str(out),
+        *COMMON,
+        *extra,
+    ]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -113,9 +145,23 @@ def test_sigkill_resume_equals_uninterrupted(setup):
 def test_two_rank_build_equals_one_rank(setup):
     out = setup["root"] / "two-ranks"
     torchrun = Path(sys.executable).parent / "torchrun"
-    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 500),
-           "-m", "muscle.cli.cache", "build", "--config", str(setup["config"]), "--model", "v1",
-           "--out", str(out), *COMMON]
+    cmd = [
+        str(torchrun),
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(29500 + os.getpid() % 500),
+        "-m",
+        "muscle.cli.cache",
+        "build",
+        "--config",
+        str(setup["config"]),
+        "--model",
+        "v1",
+        "--out",
+        str(out),
+        *COMMON,
+    ]
     res = subprocess.run(cmd, capture_output=True, timeout=300, cwd=REPO)
     assert res.returncode == 0, res.stderr.decode()[-3000:]
     assert_same_cache(out, setup["ref"])

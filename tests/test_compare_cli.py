@@ -31,8 +31,9 @@ PREDS = {  # v1 -> v2: 1 gain, 1 regression, 1 both-wrong change (see test_metri
 def _lines(preds, targets=TARGETS, ids=None):
     ids = range(len(preds)) if ids is None else ids
     return [
-        json.dumps({"id": i, "prediction": p, "target": t, "correct": p == t,
-                    "score": float(p == t)})
+        json.dumps(
+            {"id": i, "prediction": p, "target": t, "correct": p == t, "score": float(p == t)}
+        )
         for i, p, t in zip(ids, preds, targets, strict=False)
     ]
 
@@ -100,16 +101,23 @@ def test_compare_prints_the_table_and_paper_row(files, capsys):
     gain_row = next(line for line in out.splitlines() if line.startswith("both wrong"))
     assert gain_row.split()[-2:] == ["2", "2"]  # counts print as integers
     assert "Paper table row" in out
-    assert next(line for line in out.splitlines() if line.startswith("Δ%NFR_c")).endswith(
-        "-100.0%"
-    )
+    assert next(line for line in out.splitlines() if line.startswith("Δ%NFR_c")).endswith("-100.0%")
 
 
 def test_compare_writes_json_markdown_and_png(files, tmp_path, capsys):
     out_json, out_png, out_md = tmp_path / "r.json", tmp_path / "r.png", tmp_path / "r.md"
     code, _, _ = run_main(
-        ["compare", files[0], files[1], "--json", str(out_json), "--plot", str(out_png),
-         "--markdown", str(out_md)],
+        [
+            "compare",
+            files[0],
+            files[1],
+            "--json",
+            str(out_json),
+            "--plot",
+            str(out_png),
+            "--markdown",
+            str(out_md),
+        ],
         capsys,
     )
     assert code == 0
@@ -117,8 +125,22 @@ def test_compare_writes_json_markdown_and_png(files, tmp_path, capsys):
     assert set(report) == {"comparisons", "paper_row"} and report["paper_row"] is None
     (cmp,) = report["comparisons"]
     assert list(cmp) == [
-        "old", "new", "n", "old_score", "new_score", "pfr", "nfr", "nfr_mc", "pfr_smooth",
-        "nfr_smooth", "m_g", "m_r", "both_correct", "gain", "regression", "both_wrong",
+        "old",
+        "new",
+        "n",
+        "old_score",
+        "new_score",
+        "pfr",
+        "nfr",
+        "nfr_mc",
+        "pfr_smooth",
+        "nfr_smooth",
+        "m_g",
+        "m_r",
+        "both_correct",
+        "gain",
+        "regression",
+        "both_wrong",
     ]
     assert (cmp["old"], cmp["new"], cmp["regression"]) == (files[0], files[1], 1)
     assert cmp["nfr_mc"] == pytest.approx(2 / 6)
@@ -137,8 +159,18 @@ def test_three_files_json_has_the_paper_row(files, tmp_path, capsys):
 
 def test_continuous_task_shows_na_for_discrete_metrics(tmp_path, capsys):
     def samsum(name, scores):
-        lines = [json.dumps({"id": f"s{i}", "prediction": f"{name} {i}", "target": "ref",
-                             "correct": None, "score": s}) for i, s in enumerate(scores)]
+        lines = [
+            json.dumps(
+                {
+                    "id": f"s{i}",
+                    "prediction": f"{name} {i}",
+                    "target": "ref",
+                    "correct": None,
+                    "score": s,
+                }
+            )
+            for i, s in enumerate(scores)
+        ]
         return write_file(tmp_path, name, lines, task="samsum")
 
     old, new = samsum("old", [0.5, 0.4, 0.3, 0.7]), samsum("new", [0.75, 0.4, 0.1, 0.2])
@@ -181,8 +213,15 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], list[str]]]:
 
 @pytest.mark.parametrize(
     "case",
-    ["different tasks", "different ids", "duplicate ids", "malformed line", "empty file",
-     "missing key", "no such file"],
+    [
+        "different tasks",
+        "different ids",
+        "duplicate ids",
+        "malformed line",
+        "empty file",
+        "missing key",
+        "no such file",
+    ],
 )
 def test_bad_input_is_one_error_line_and_exit_2(case, tmp_path, capsys):
     args, fragments = _bad_inputs(tmp_path)[case]
@@ -204,7 +243,9 @@ def test_module_entry_point_reports_errors_without_traceback(tmp_path):
     args, _ = _bad_inputs(tmp_path)["different ids"]
     proc = subprocess.run(
         [sys.executable, "-m", "muscle.cli.eval", "compare", *args],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: ")

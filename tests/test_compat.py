@@ -46,7 +46,9 @@ def random_adapter(base_dir: Path, out: Path, seed: int) -> Path:
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.05)
-    save_adapter(model, out, {"base": {"path": str(base_dir), "fingerprint": base_fingerprint(spec)}})
+    save_adapter(
+        model, out, {"base": {"path": str(base_dir), "fingerprint": base_fingerprint(spec)}}
+    )
     return out
 
 
@@ -95,7 +97,9 @@ def test_cache_loss_equals_online_loss(update, mask):
     assert s_cache["frac_v1"] == pytest.approx(s_live["frac_v1"], abs=1e-6)
 
 
-def dense_kl_bins(lp_teacher: torch.Tensor, ids: torch.Tensor, z: torch.Tensor, T: float) -> torch.Tensor:
+def dense_kl_bins(
+    lp_teacher: torch.Tensor, ids: torch.Tensor, z: torch.Tensor, T: float
+) -> torch.Tensor:
     """(K+1)-bin KL(p || softmax(z/T)) for one row, float64, written out by hand."""
     logq = torch.log_softmax(z.double() / T, dim=-1)
     p = lp_teacher.double().exp()
@@ -111,13 +115,19 @@ def dense_kl_bins(lp_teacher: torch.Tensor, ids: torch.Tensor, z: torch.Tensor, 
 def test_golden_first_step_loss(update, tmp_path):
     """The first logged training loss equals the paper's Eq. 2 computed independently, in
     float64, from the cached teachers and the initial student (v2's task model)."""
-    cfg = TrainConfig(lr=1e-3, epochs=1, grad_accum=1, warmup_steps=0, batch_size=4, max_steps=2, seed=0)
-    train_compat_from_cache(update["cache"], tmp_path / "run", train_cfg=cfg, compat_cfg=CompatConfig())
+    cfg = TrainConfig(
+        lr=1e-3, epochs=1, grad_accum=1, warmup_steps=0, batch_size=4, max_steps=2, seed=0
+    )
+    train_compat_from_cache(
+        update["cache"], tmp_path / "run", train_cfg=cfg, compat_cfg=CompatConfig()
+    )
     rows = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     logged = [r for r in rows if r["split"] == "train"][0]
 
     reader = CacheReader(update["cache"])
-    batch = next(iter(reader.iter_batches("train", 4, temperature=2.0, shuffle=True, seed=0, epoch=0)))
+    batch = next(
+        iter(reader.iter_batches("train", 4, temperature=2.0, shuffle=True, seed=0, epoch=0))
+    )
     model = load_model(update["v2"])
     with torch.no_grad():
         z = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -130,7 +140,11 @@ def test_golden_first_step_loss(update, tmp_path):
                 continue
             m = int(torch.argmax(z[b, t])) != y  # paper Eq. 1
             who = "v1" if m else "v2"
-            terms.append(dense_kl_bins(batch[f"{who}_logprobs"][b, t], batch[f"{who}_ids"][b, t].long(), z[b, t], 2.0))
+            terms.append(
+                dense_kl_bins(
+                    batch[f"{who}_logprobs"][b, t], batch[f"{who}_ids"][b, t].long(), z[b, t], 2.0
+                )
+            )
             wrong.append(m)
     expected = torch.stack(terms).mean().item()
     assert logged["loss"] == pytest.approx(expected, rel=1e-4)
@@ -144,7 +158,9 @@ def v1_top1_logprob(model, reader: CacheReader) -> float:
         for batch in reader.iter_batches("validation", 8, temperature=1.0, shuffle=False):
             z = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             valid = batch["labels"] != IGNORE_INDEX
-            top1 = batch["v1_ids"].gather(-1, batch["v1_logprobs"].argmax(-1, keepdim=True))  # (B, T, 1)
+            top1 = batch["v1_ids"].gather(
+                -1, batch["v1_logprobs"].argmax(-1, keepdim=True)
+            )  # (B, T, 1)
             lp = torch.log_softmax(z.float(), -1).gather(-1, top1.long()).squeeze(-1)  # (B, T)
             total += float(lp[valid].sum())
             n += int(valid.sum())
@@ -158,8 +174,9 @@ def test_full_tiny_run_moves_toward_v1(update, tmp_path):
     reader = CacheReader(update["cache"])
     before = v1_top1_logprob(load_model(update["v2"]), reader)
     cfg = TrainConfig(lr=2e-2, epochs=3, grad_accum=1, warmup_steps=0, batch_size=8, seed=0)
-    res = train_compat_from_cache(update["cache"], tmp_path / "run", train_cfg=cfg,
-                                  compat_cfg=CompatConfig(mask="always_v1"))
+    res = train_compat_from_cache(
+        update["cache"], tmp_path / "run", train_cfg=cfg, compat_cfg=CompatConfig(mask="always_v1")
+    )
     rows = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     val = [r["loss"] for r in rows if r["split"] == "validation"]
     assert val[-1] < val[0]
@@ -173,7 +190,9 @@ def test_full_tiny_run_moves_toward_v1(update, tmp_path):
 
 def test_online_mode_trains(update, tmp_path):
     cfg = TrainConfig(lr=1e-3, epochs=1, grad_accum=1, warmup_steps=0, batch_size=8, max_steps=2)
-    res = train_compat_online(update["v1"], update["v2"], DATA, tmp_path / "online", train_cfg=cfg, top_k=K)
+    res = train_compat_online(
+        update["v1"], update["v2"], DATA, tmp_path / "online", train_cfg=cfg, top_k=K
+    )
     assert res.state == "trained" and math.isfinite(res.best_val_loss)
     assert (tmp_path / "online" / "adapter_model.safetensors").is_file()
     assert not (tmp_path / "online" / "teacher").exists()  # only the trained adapter is saved
@@ -185,7 +204,9 @@ def test_bad_inputs(update, tmp_path):
     with pytest.raises(MuscleError, match=r"no teacher 'v2'.*muscle-cache build --model v2"):
         train_compat_from_cache(only_v1, tmp_path / "r1")
     with pytest.raises(MuscleError, match="temperature 3.0 is not cached"):
-        train_compat_from_cache(update["cache"], tmp_path / "r2", compat_cfg=CompatConfig(temperature=3.0))
+        train_compat_from_cache(
+            update["cache"], tmp_path / "r2", compat_cfg=CompatConfig(temperature=3.0)
+        )
     # the v2 task adapter recorded in the cache changed since the build
     moved = tmp_path / "cache_copy"
     shutil.copytree(update["cache"], moved)
@@ -204,15 +225,48 @@ def test_bad_inputs(update, tmp_path):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_two_ranks_match_one_process_from_cache(update, tmp_path):
-    args = ["--cache", str(update["cache"]), "--epochs", "1", "--grad-accum", "1", "--warmup", "0", "--lr", "1e-2"]
+    args = [
+        "--cache",
+        str(update["cache"]),
+        "--epochs",
+        "1",
+        "--grad-accum",
+        "1",
+        "--warmup",
+        "0",
+        "--lr",
+        "1e-2",
+    ]
     env = os.environ | {"OMP_NUM_THREADS": "1", "MUSCLE_DEBUG": "1"}
     bindir = Path(sys.executable).parent
-    one = subprocess.run([str(bindir / "muscle-train"), *args, "--out", str(tmp_path / "one"), "--batch-size", "8"],
-                         env=env, capture_output=True, text=True, timeout=600)
+    one = subprocess.run(
+        [str(bindir / "muscle-train"), *args, "--out", str(tmp_path / "one"), "--batch-size", "8"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([str(bindir / "torchrun"), "--nproc_per_node", "2", "--master_port", "29533", "-m",
-                          "muscle.cli.train", *args, "--out", str(tmp_path / "two"), "--batch-size", "4"],
-                         env=env, capture_output=True, text=True, timeout=600)
+    two = subprocess.run(
+        [
+            str(bindir / "torchrun"),
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29533",
+            "-m",
+            "muscle.cli.train",
+            *args,
+            "--out",
+            str(tmp_path / "two"),
+            "--batch-size",
+            "4",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
 
     def losses(d):

@@ -22,8 +22,12 @@ from muscle.train import resolve_deepspeed_config
 from tiny import SHARED_DATA, make_model_dir
 
 BIN = Path(sys.executable).parent
-ZERO2 = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-         "gradient_clipping": "auto", "zero_optimization": {"stage": 2}}
+ZERO2 = {
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+    "zero_optimization": {"stage": 2},
+}
 
 # Rank processes run muscle-train's CLI with fit() told to stop after 7 optimizer steps, as if
 # killed: the run is left with the checkpoint of step 6 (--checkpoint-every 2).
@@ -38,10 +42,36 @@ main(sys.argv[1:])
 
 
 def train_args(base, out, batch_size):
-    return ["--task", "piqa", "--base", str(base), "--out", str(out), "--data-dir", str(SHARED_DATA),
-            "--max-examples", "94", "--max-length", "128", "--epochs", "2", "--batch-size", str(batch_size),
-            "--grad-accum", "2", "--warmup", "2", "--lr", "1e-2", "--lora-r", "4", "--lora-alpha", "8",
-            "--checkpoint-every", "2"]
+    return [
+        "--task",
+        "piqa",
+        "--base",
+        str(base),
+        "--out",
+        str(out),
+        "--data-dir",
+        str(SHARED_DATA),
+        "--max-examples",
+        "94",
+        "--max-length",
+        "128",
+        "--epochs",
+        "2",
+        "--batch-size",
+        str(batch_size),
+        "--grad-accum",
+        "2",
+        "--warmup",
+        "2",
+        "--lr",
+        "1e-2",
+        "--lora-r",
+        "4",
+        "--lora-alpha",
+        "8",
+        "--checkpoint-every",
+        "2",
+    ]
 
 
 def log_rows(out, split):
@@ -57,22 +87,37 @@ def test_zero2_two_ranks_match_one_process_across_resume(tmp_path):
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps(ZERO2))
     env = os.environ | {"OMP_NUM_THREADS": "1", "MUSCLE_DEBUG": "1", "DS_ACCELERATOR": "cpu"}
-    one = subprocess.run([str(BIN / "muscle-train"), *train_args(base, tmp_path / "one", 8)],
-                         env=env, capture_output=True, text=True, timeout=600)
+    one = subprocess.run(
+        [str(BIN / "muscle-train"), *train_args(base, tmp_path / "one", 8)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
 
     two = tmp_path / "two"
     args = [*train_args(base, two, 4), "--deepspeed", str(ds)]
     torchrun = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29535"]
     (tmp_path / "interrupted.py").write_text(INTERRUPTED)
-    cut = subprocess.run([*torchrun, str(tmp_path / "interrupted.py"), *args],
-                         env=env, capture_output=True, text=True, timeout=600)
+    cut = subprocess.run(
+        [*torchrun, str(tmp_path / "interrupted.py"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert cut.returncode != 0  # interrupted
     assert (two / ".checkpoint" / "deepspeed").is_dir(), cut.stderr[-3000:]
     assert [r["step"] for r in log_rows(two, "train")] == list(range(1, 8))
 
-    done = subprocess.run([*torchrun, "-m", "muscle.cli.train", *args],
-                          env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [*torchrun, "-m", "muscle.cli.train", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     # Resumed from step 6 (not restarted): the log has each step once.
     assert [r["step"] for r in log_rows(two, "train")] == list(range(1, 11))
@@ -113,17 +158,37 @@ def cli(args):
     return code, err.getvalue()
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"zero_optimization": {"stage": 3}}, "ZeRO stage 3 is not supported"),
-    ({"optimizer": {"type": "Adam"}}, "remove 'optimizer'"),
-    ({"train_micro_batch_size_per_gpu": 16}, "train_micro_batch_size_per_gpu=16 but the run has 4"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"zero_optimization": {"stage": 3}}, "ZeRO stage 3 is not supported"),
+        ({"optimizer": {"type": "Adam"}}, "remove 'optimizer'"),
+        (
+            {"train_micro_batch_size_per_gpu": 16},
+            "train_micro_batch_size_per_gpu=16 but the run has 4",
+        ),
+    ],
+)
 def test_unsupported_config_is_one_line_exit_2(tmp_path, bad, message):
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps(bad))
     out = tmp_path / "out"
-    code, err = cli(["--task", "piqa", "--base", str(tmp_path / "nowhere"), "--out", str(out),
-                     "--data-dir", str(SHARED_DATA), "--batch-size", "4", "--deepspeed", str(ds)])
+    code, err = cli(
+        [
+            "--task",
+            "piqa",
+            "--base",
+            str(tmp_path / "nowhere"),
+            "--out",
+            str(out),
+            "--data-dir",
+            str(SHARED_DATA),
+            "--batch-size",
+            "4",
+            "--deepspeed",
+            str(ds),
+        ]
+    )
     assert code == 2
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
     assert not out.exists()  # refused before the run directory is claimed
@@ -131,11 +196,17 @@ def test_unsupported_config_is_one_line_exit_2(tmp_path, bad, message):
 
 def test_config_is_filled_from_train_options():
     cfg = TrainConfig(batch_size=4, grad_accum=2, max_grad_norm=1.0)
-    got = resolve_deepspeed_config({"zero_optimization": {"stage": 1}, "gradient_accumulation_steps": "auto"},
-                                   cfg, world_size=2, check_installed=False)
+    got = resolve_deepspeed_config(
+        {"zero_optimization": {"stage": 1}, "gradient_accumulation_steps": "auto"},
+        cfg,
+        world_size=2,
+        check_installed=False,
+    )
     assert got["train_micro_batch_size_per_gpu"] == 4 and got["gradient_accumulation_steps"] == 2
     assert got["train_batch_size"] == 16 and got["gradient_clipping"] == 1.0
-    assert resolve_deepspeed_config(got, cfg, world_size=2, check_installed=False) == got  # idempotent
+    assert (
+        resolve_deepspeed_config(got, cfg, world_size=2, check_installed=False) == got
+    )  # idempotent
 
 
 def test_unreadable_config(tmp_path):

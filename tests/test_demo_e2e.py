@@ -30,10 +30,15 @@ def test_demo_pipeline_end_to_end(tmp_path):
     v1, v2, v2c = (read(out / "preds" / f"{m}.jsonl") for m in ("v1", "v2", "v2c"))
     assert v1.keys() == v2.keys() == v2c.keys() and len(v1) == 120
     n = len(v1)
-    acc = {name: sum(r["correct"] for r in p.values()) / n for name, p in (("v1", v1), ("v2", v2), ("v2c", v2c))}
+    acc = {
+        name: sum(r["correct"] for r in p.values()) / n
+        for name, p in (("v1", v1), ("v2", v2), ("v2c", v2c))
+    }
     nfr = sum(v1[i]["correct"] and not v2[i]["correct"] for i in v1) / n
     nfr_c = sum(v1[i]["correct"] and not v2c[i]["correct"] for i in v1) / n
-    nfr_mc_c = sum((not v2c[i]["correct"]) and v2c[i]["prediction"] != v1[i]["prediction"] for i in v1) / n
+    nfr_mc_c = (
+        sum((not v2c[i]["correct"]) and v2c[i]["prediction"] != v1[i]["prediction"] for i in v1) / n
+    )
     assert row["n"] == n
     assert row["score_v1"] == pytest.approx(acc["v1"])
     assert row["score_v2"] == pytest.approx(acc["v2"])

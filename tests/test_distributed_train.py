@@ -18,9 +18,34 @@ BIN = Path(sys.executable).parent
 
 
 def train_args(base, out, batch_size):
-    return ["--task", "piqa", "--base", str(base), "--out", str(out), "--data-dir", str(SHARED_DATA),
-            "--max-examples", "94", "--max-length", "128", "--epochs", "2", "--batch-size", str(batch_size),
-            "--grad-accum", "2", "--warmup", "2", "--lr", "1e-2", "--lora-r", "4", "--lora-alpha", "8"]
+    return [
+        "--task",
+        "piqa",
+        "--base",
+        str(base),
+        "--out",
+        str(out),
+        "--data-dir",
+        str(SHARED_DATA),
+        "--max-examples",
+        "94",
+        "--max-length",
+        "128",
+        "--epochs",
+        "2",
+        "--batch-size",
+        str(batch_size),
+        "--grad-accum",
+        "2",
+        "--warmup",
+        "2",
+        "--lr",
+        "1e-2",
+        "--lora-r",
+        "4",
+        "--lora-alpha",
+        "8",
+    ]
 
 
 def losses(out):
@@ -31,12 +56,30 @@ def losses(out):
 def test_two_ranks_match_one_process(tmp_path):
     base = make_model_dir(tmp_path / "base")
     env = os.environ | {"OMP_NUM_THREADS": "1", "MUSCLE_DEBUG": "1"}
-    one = subprocess.run([str(BIN / "muscle-train"), *train_args(base, tmp_path / "one", 8)],
-                         env=env, capture_output=True, text=True, timeout=600)
+    one = subprocess.run(
+        [str(BIN / "muscle-train"), *train_args(base, tmp_path / "one", 8)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29531",
-                          "-m", "muscle.cli.train", *train_args(base, tmp_path / "two", 4)],
-                         env=env, capture_output=True, text=True, timeout=600)
+    two = subprocess.run(
+        [
+            str(BIN / "torchrun"),
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29531",
+            "-m",
+            "muscle.cli.train",
+            *train_args(base, tmp_path / "two", 4),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     l1, l2 = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(l1) == len(l2) == 2

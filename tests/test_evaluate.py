@@ -130,8 +130,10 @@ def test_cut_at_stop_takes_the_earliest_stop_string():
 def test_stop_criterion_flags_rows_whose_new_text_has_a_stop(loaded):
     _, tok = loaded
     prompt = tok("Question: two?\nAnswer:")["input_ids"]
-    rows = [prompt + tok(" 4\n\nQuestion: next", add_special_tokens=False)["input_ids"],
-            prompt + tok(" 4 and then some", add_special_tokens=False)["input_ids"]]
+    rows = [
+        prompt + tok(" 4\n\nQuestion: next", add_special_tokens=False)["input_ids"],
+        prompt + tok(" 4 and then some", add_special_tokens=False)["input_ids"],
+    ]
     width = max(map(len, rows))
     ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
     crit = ev.StopOnStrings(tok, ["Question:", "</s>"], prompt_length=len(prompt))
@@ -140,8 +142,13 @@ def test_stop_criterion_flags_rows_whose_new_text_has_a_stop(loaded):
 
 def test_generation_cuts_at_the_first_stop_string_and_batches_like_single(noisy, monkeypatch):
     model, tok = noisy
-    prompts = ["Question: How many apples?\nAnswer:", "Dialogue: Amanda: hi\nBob: hello there\nSummary:"]
-    free = [ev.generate_batch(model, tok, [p], stop_strings=(), max_new_tokens=20)[0] for p in prompts]
+    prompts = [
+        "Question: How many apples?\nAnswer:",
+        "Dialogue: Amanda: hi\nBob: hello there\nSummary:",
+    ]
+    free = [
+        ev.generate_batch(model, tok, [p], stop_strings=(), max_new_tokens=20)[0] for p in prompts
+    ]
     assert all(len(set(t)) > 8 for t in free)
     # Left padding must not change greedy output: the batch equals one prompt at a time.
     assert ev.generate_batch(model, tok, prompts, stop_strings=(), max_new_tokens=20) == free
@@ -171,10 +178,16 @@ def test_generation_passes_no_repeat_ngram_size(loaded, monkeypatch):
         return out
 
     monkeypatch.setattr(model, "generate", spy)
-    ev.generate_batch(model, tok, ["Dialogue: A: hi\nSummary:"], stop_strings=(),
-                      max_new_tokens=16, no_repeat_ngram_size=2)
+    ev.generate_batch(
+        model,
+        tok,
+        ["Dialogue: A: hi\nSummary:"],
+        stop_strings=(),
+        max_new_tokens=16,
+        no_repeat_ngram_size=2,
+    )
     assert seen["no_repeat_ngram_size"] == 2 and seen["do_sample"] is False
-    new = seen["out"][0, seen["input_ids"].shape[1]:].tolist()
+    new = seen["out"][0, seen["input_ids"].shape[1] :].tolist()
     bigrams = list(zip(new, new[1:], strict=False))
     assert len(bigrams) == len(set(bigrams))
 
@@ -280,15 +293,29 @@ def test_records_without_sidecar_are_refused(base_dir, tmp_path):
 def test_adapter_of_another_base_is_refused_before_writing(base_dir, other_base_dir, tmp_path):
     adapter = tmp_path / "adapter"
     spec = ModelSpec(str(base_dir))
-    save_adapter(attach_lora(load_model(spec), LoraSpec(r=2, alpha=4)), adapter,
-                 {"base": {"path": str(base_dir), "fingerprint": base_fingerprint(spec)}})
+    save_adapter(
+        attach_lora(load_model(spec), LoraSpec(r=2, alpha=4)),
+        adapter,
+        {"base": {"path": str(base_dir), "fingerprint": base_fingerprint(spec)}},
+    )
     out = tmp_path / "p.jsonl"
     with pytest.raises(MuscleError, match="trained on base"):
-        ev.predict(ModelSpec(str(other_base_dir), adapter=str(adapter)), "piqa", out,
-                   data_dir=DATA, limit=1)
+        ev.predict(
+            ModelSpec(str(other_base_dir), adapter=str(adapter)),
+            "piqa",
+            out,
+            data_dir=DATA,
+            limit=1,
+        )
     assert not out.exists() and not meta_path(out).exists()
-    summary = ev.predict(ModelSpec(str(base_dir), adapter=str(adapter)), "piqa", out,
-                         data_dir=DATA, limit=1, progress=False)
+    summary = ev.predict(
+        ModelSpec(str(base_dir), adapter=str(adapter)),
+        "piqa",
+        out,
+        data_dir=DATA,
+        limit=1,
+        progress=False,
+    )
     assert summary["n"] == 1 and read_meta(out)["adapter_sha256"]
 
 
@@ -302,8 +329,22 @@ def run_main(args, capsys):
 def test_cli_predict_with_an_update_config(base_dir, tmp_path, capsys):
     (tmp_path / "update.toml").write_text(f'task = "hellaswag"\n[models.v1]\nbase = "{base_dir}"\n')
     out = tmp_path / "v1.jsonl"
-    args = ["predict", "--config", str(tmp_path / "update.toml"), "--model", "v1", "--out",
-            str(out), "--data-dir", DATA, "--limit", "2", "--device", "cpu", "--json"]
+    args = [
+        "predict",
+        "--config",
+        str(tmp_path / "update.toml"),
+        "--model",
+        "v1",
+        "--out",
+        str(out),
+        "--data-dir",
+        DATA,
+        "--limit",
+        "2",
+        "--device",
+        "cpu",
+        "--json",
+    ]
     code, stdout, _ = run_main(args, capsys)
     assert code == 0
     summary = json.loads(stdout)
@@ -320,13 +361,17 @@ def test_cli_predict_with_an_update_config(base_dir, tmp_path, capsys):
         (["--task", "mmlu", "--base", "{base}"], "unknown task 'mmlu'"),
         (["--task", "piqa", "--base", "/nonexistent/model"], "base model not found"),
         (["--task", "piqa"], "name a model"),
-        (["--task", "piqa", "--base", "{base}", "--adapter", "/nonexistent/a"], "adapter file missing"),
+        (
+            ["--task", "piqa", "--base", "{base}", "--adapter", "/nonexistent/a"],
+            "adapter file missing",
+        ),
         (["--task", "piqa", "--base", "{base}", "--limit", "0"], "--limit must be >= 1"),
     ],
 )
 def test_cli_predict_bad_input_is_one_line(base_dir, tmp_path, capsys, args, message):
     args = [a.replace("{base}", str(base_dir)) for a in args]
-    code, _, err = run_main(["predict", *args, "--out", str(tmp_path / "p.jsonl"),
-                             "--data-dir", DATA], capsys)
+    code, _, err = run_main(
+        ["predict", *args, "--out", str(tmp_path / "p.jsonl"), "--data-dir", DATA], capsys
+    )
     assert code == 2
     assert err.startswith("error: ") and message in err and err.count("\n") == 1

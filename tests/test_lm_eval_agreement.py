@@ -29,7 +29,9 @@ from tiny import SHARED_DATA, make_model_dir
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_var, "1")
 
-lm_eval = pytest.importorskip("lm_eval", reason="lm-eval not installed: pip install 'muscle-llm[evalharness]'")
+lm_eval = pytest.importorskip(
+    "lm_eval", reason="lm-eval not installed: pip install 'muscle-llm[evalharness]'"
+)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "lm_eval"
 N_PIQA = 32
@@ -58,8 +60,11 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm_eval")
     piqa = _first_lines(SHARED_DATA / "piqa" / "valid.jsonl", N_PIQA)
     # muscle's HellaSwag evaluation source is the records whose idx is a multiple of 4.
-    hellaswag = _first_lines(SHARED_DATA / "hellaswag" / "validation.jsonl", N_HELLASWAG,
-                             keep=lambda rec: rec["idx"] % 4 == 0)
+    hellaswag = _first_lines(
+        SHARED_DATA / "hellaswag" / "validation.jsonl",
+        N_HELLASWAG,
+        keep=lambda rec: rec["idx"] % 4 == 0,
+    )
     # The same records twice: flat files for the YAMLs, a muscle data dir for predict().
     _write(root / "slices" / "piqa.jsonl", piqa)
     _write(root / "slices" / "hellaswag.jsonl", hellaswag)
@@ -110,13 +115,22 @@ def lm_eval_samples(setup):
     return results
 
 
-@pytest.mark.parametrize("task,lm_task,n", [("piqa", "muscle_piqa", N_PIQA),
-                                             ("hellaswag", "muscle_hellaswag", N_HELLASWAG)])
+@pytest.mark.parametrize(
+    "task,lm_task,n",
+    [("piqa", "muscle_piqa", N_PIQA), ("hellaswag", "muscle_hellaswag", N_HELLASWAG)],
+)
 def test_acc_and_acc_norm_equal_lm_eval(setup, lm_eval_samples, tmp_path, task, lm_task, n):
     root, model_dir = setup
     out = tmp_path / f"{task}.jsonl"
-    summary = predict(ModelSpec(str(model_dir)), task, out, data_dir=root / "data",
-                      batch_size=8, device="cpu", progress=False)
+    summary = predict(
+        ModelSpec(str(model_dir)),
+        task,
+        out,
+        data_dir=root / "data",
+        batch_size=8,
+        device="cpu",
+        progress=False,
+    )
     records, _ = read_predictions(out)
     samples = sorted(lm_eval_samples["samples"][lm_task], key=lambda s: s["doc_id"])
     assert len(records) == len(samples) == n
@@ -126,7 +140,9 @@ def test_acc_and_acc_norm_equal_lm_eval(setup, lm_eval_samples, tmp_path, task, 
         # Sums of a few hundred nats in float32, batched differently: equal to ~1e-7 relative.
         assert rec["loglikelihoods"] == pytest.approx(their_lls, rel=1e-5), rec["id"]
         assert rec["target"] == int(sample["target"])
-        assert (rec["acc"], rec["acc_norm"]) == (bool(sample["acc"]), bool(sample["acc_norm"])), rec["id"]
+        assert (rec["acc"], rec["acc_norm"]) == (bool(sample["acc"]), bool(sample["acc_norm"])), (
+            rec["id"]
+        )
 
     theirs = lm_eval_samples["results"][lm_task]
     assert summary["acc"] == pytest.approx(theirs["acc,none"], abs=1e-9)

@@ -31,6 +31,8 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(prev)
+
+
 MODES = ("v2c_wrong", "v1_correct", "always_v1", "always_v2")
 
 
@@ -192,7 +194,9 @@ def test_bool_mask_tensor():
         loss, g, st = run(z, y, i1, l1, i2, l2, impl=impl, mask=m, chunk_rows=8)
         torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(g, gwant, rtol=1e-9, atol=1e-13)
-        assert float(st.frac_v1) == pytest.approx(float((m & (y != IGN)).sum()) / int((y != IGN).sum()))
+        assert float(st.frac_v1) == pytest.approx(
+            float((m & (y != IGN)).sum()) / int((y != IGN).sum())
+        )
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -74,7 +74,9 @@ def test_gsm8k_normalisation_follows_the_yaml_regexes_in_order():
 
 
 def test_gsm8k_target_and_exact_match():
-    answer = "Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 eggs.\nShe makes 9 * 2 = $<<9*2=18>>18.\n#### 1,018"
+    answer = (
+        "Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 eggs.\nShe makes 9 * 2 = $<<9*2=18>>18.\n#### 1,018"
+    )
     assert gsm8k_target(answer) == "1,018"
     assert gsm8k_answer("It is $1,018.", "flexible-extract") == "1018"
     assert gsm8k_exact_match("It is $1,018.", answer, "flexible-extract")
@@ -106,8 +108,10 @@ def test_rouge1_uses_the_stemmer():
 @pytest.mark.parametrize(
     "prediction, reference",
     [
-        ("Amanda baked cookies and will bring Jerry some tomorrow.",
-         "Amanda will bring Jerry cookies she baked."),
+        (
+            "Amanda baked cookies and will bring Jerry some tomorrow.",
+            "Amanda will bring Jerry cookies she baked.",
+        ),
         ("Tom and Ann meet at 8 at the cinema.", "Ann and Tom are going to the cinema at 8 pm."),
         ("", "Nothing was said."),
     ],
@@ -165,16 +169,29 @@ def test_flips_by_hand():
 def test_to_dict_keys_are_exact():
     r = compare(records(OLD, TARGETS), records(NEW, TARGETS))
     assert list(r.to_dict()) == [
-        "n", "old_score", "new_score", "pfr", "nfr", "nfr_mc", "pfr_smooth", "nfr_smooth",
-        "m_g", "m_r", "both_correct", "gain", "regression", "both_wrong",
+        "n",
+        "old_score",
+        "new_score",
+        "pfr",
+        "nfr",
+        "nfr_mc",
+        "pfr_smooth",
+        "nfr_smooth",
+        "m_g",
+        "m_r",
+        "both_correct",
+        "gain",
+        "regression",
+        "both_wrong",
     ]
 
 
 def test_pairing_is_by_id_not_by_position():
     new = list(reversed(records(NEW, TARGETS)))
-    assert compare(records(OLD, TARGETS), new).to_dict() == compare(
-        records(OLD, TARGETS), records(NEW, TARGETS)
-    ).to_dict()
+    assert (
+        compare(records(OLD, TARGETS), new).to_dict()
+        == compare(records(OLD, TARGETS), records(NEW, TARGETS)).to_dict()
+    )
 
 
 def test_a_tie_in_the_new_model_is_a_negative_flip():
@@ -210,8 +227,10 @@ def test_smooth_metrics_on_continuous_scores():
     assert r.m_g == pytest.approx(0.25) and r.m_r == pytest.approx(0.35)
     assert r.old_score == pytest.approx(0.475) and r.new_score == pytest.approx(0.3625)
     d = r.to_dict()
-    assert all(d[k] is None for k in ("pfr", "nfr", "nfr_mc", "both_correct", "gain",
-                                      "regression", "both_wrong"))
+    assert all(
+        d[k] is None
+        for k in ("pfr", "nfr", "nfr_mc", "both_correct", "gain", "regression", "both_wrong")
+    )
     with pytest.raises(MuscleError, match="nfr_smooth"):
         r.metric("nfr")
     assert r.metric("m_r") == pytest.approx(0.35)

@@ -17,7 +17,8 @@ def test_save_plain_checkpoint_round_trips(tmp_path):
         b = load_base(ModelSpec(str(out)))(x).logits
     assert torch.equal(a, b)
     assert tokenizer_fingerprint(load_tokenizer(ModelSpec(str(src)))) == tokenizer_fingerprint(
-        load_tokenizer(ModelSpec(str(out))))
+        load_tokenizer(ModelSpec(str(out)))
+    )
 
 
 def test_base_fingerprint_sees_changes_past_the_head(tmp_path):
@@ -36,7 +37,10 @@ def test_base_fingerprint_sees_changes_past_the_head(tmp_path):
     spec = ModelSpec(str(d))
     fp = base_fingerprint(spec)
     assert base_fingerprint(spec) == fp
-    for lo, hi in ((size // 2, size // 2 + 2**20), (size - 100, size)):  # a 1 MiB middle region; the tail
+    for lo, hi in (
+        (size // 2, size // 2 + 2**20),
+        (size - 100, size),
+    ):  # a 1 MiB middle region; the tail
         changed = bytearray(data)
         changed[lo:hi] = bytes(hi - lo)
         weights.write_bytes(bytes(changed))

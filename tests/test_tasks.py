@@ -33,7 +33,12 @@ def test_piqa_prompt_first_validation_example():
 
 
 def test_piqa_fixed_record():
-    rec = {"goal": "How do I open a jar?", "sol1": "Twist the lid.", "sol2": "Eat the lid.", "label": 0}
+    rec = {
+        "goal": "How do I open a jar?",
+        "sol1": "Twist the lid.",
+        "sol2": "Eat the lid.",
+        "label": 0,
+    }
     ex = get_task("piqa").to_example(rec, 7)
     assert ex.context == "Question: How do I open a jar?\nAnswer:"
     assert ex.answer == "Twist the lid."
@@ -46,8 +51,12 @@ def test_hellaswag_hub_record_matches_lm_eval():
         "activity_label": "Roof shingle removal",
         "ctx_a": "A man is sitting on a roof.",
         "ctx_b": "he",
-        "endings": ["is using wrap to wrap a pair of skis.", "starts pulling up roofing on a roof.",
-                    "is ripping level tiles off.", "is holding a rubik's cube."],
+        "endings": [
+            "is using wrap to wrap a pair of skis.",
+            "starts pulling up roofing on a roof.",
+            "is ripping level tiles off.",
+            "is holding a rubik's cube.",
+        ],
         "label": "3",
     }
     ex = get_task("hellaswag").to_example(rec, 0)
@@ -58,7 +67,10 @@ def test_hellaswag_hub_record_matches_lm_eval():
 
 def test_hellaswag_preprocess_markers():
     # strip first, then markers out: lm-eval keeps the space that followed a leading marker.
-    assert hellaswag_preprocess(" [header] How to x [title] Do y. [step] Now  z") == " How to x. Do y. Now z"
+    assert (
+        hellaswag_preprocess(" [header] How to x [title] Do y. [step] Now  z")
+        == " How to x. Do y. Now z"
+    )
 
 
 def test_hellaswag_local_carve_out_is_disjoint():
@@ -78,7 +90,9 @@ def test_gsm8k_prompt_and_fewshot():
 
 
 def test_samsum_prompt():
-    ex = get_task("samsum").to_example({"id": "13", "dialogue": "A: hi\r\nB: yo", "summary": "They greet."}, 0)
+    ex = get_task("samsum").to_example(
+        {"id": "13", "dialogue": "A: hi\r\nB: yo", "summary": "They greet."}, 0
+    )
     assert ex.context == "Dialogue: A: hi\nB: yo\nSummary:"
     assert ex.answer == "They greet."
     assert get_task("samsum").no_repeat_ngram_size == 2
@@ -120,7 +134,12 @@ def test_context_answer_split_and_labels():
 
 
 def test_next_token_labels_by_hand():
-    assert next_token_labels([5, 6, 7, 8], [False, False, True, True]) == [IGNORE_INDEX, 7, 8, IGNORE_INDEX]
+    assert next_token_labels([5, 6, 7, 8], [False, False, True, True]) == [
+        IGNORE_INDEX,
+        7,
+        8,
+        IGNORE_INDEX,
+    ]
     assert next_token_labels([5, 6], [True, True]) == [6, IGNORE_INDEX]
 
 
@@ -141,11 +160,13 @@ def test_encode_answer_only_and_eos():
 def test_truncation_left_keeps_answer_and_bos():
     tok = build_tokenizer()
     task = get_task("piqa")
-    ex = task.to_example({"goal": "word " * 80, "sol1": "Twist the lid.", "sol2": "b", "label": 0}, 0)
+    ex = task.to_example(
+        {"goal": "word " * 80, "sol1": "Twist the lid.", "sol2": "b", "label": 0}, 0
+    )
     enc = encode_example(tok, task, ex, max_length=30)
     assert len(enc.input_ids) == 30 and enc.truncated > 0
     assert enc.input_ids[0] == tok.bos_token_id
-    assert tok.decode(enc.input_ids[enc.n_context:]) == " Twist the lid."
+    assert tok.decode(enc.input_ids[enc.n_context :]) == " Twist the lid."
     with pytest.raises(MuscleError, match="max_length"):
         encode_example(tok, task, ex, max_length=30, truncation="refuse")
 
@@ -162,7 +183,9 @@ def test_missing_file_invalid_json_missing_field(tmp_path):
     with pytest.raises(MuscleError, match="data file not found"):
         load_examples("piqa", "train", data_dir=tmp_path)
     (tmp_path / "piqa").mkdir()
-    (tmp_path / "piqa" / "train.jsonl").write_text('{"goal": "a", "sol1": "b", "sol2": "c", "label": 0}\n{oops\n')
+    (tmp_path / "piqa" / "train.jsonl").write_text(
+        '{"goal": "a", "sol1": "b", "sol2": "c", "label": 0}\n{oops\n'
+    )
     with pytest.raises(MuscleError, match=r"train.jsonl:2: not valid JSON"):
         load_examples("piqa", "train", data_dir=tmp_path)
     (tmp_path / "piqa" / "train.jsonl").write_text('{"goal": "a", "sol1": "b", "label": 0}\n')

@@ -29,8 +29,9 @@ CFG = CacheConfig(k=K, chunk_tokens=128, shard_chunks=2, batch_size=4)
 
 
 def build(out, base, name="v1", data=DATA, cfg=CFG, **kw):
-    return build_cache(out, name, ModelSpec(str(base), kw.pop("adapter", None)), data, cfg,
-                       progress=False, **kw)
+    return build_cache(
+        out, name, ModelSpec(str(base), kw.pop("adapter", None)), data, cfg, progress=False, **kw
+    )
 
 
 @pytest.fixture(scope="module")
@@ -190,12 +191,26 @@ def test_inspect_and_verify(cache, models):
     ("change", "match"),
     [
         ({"cfg": CacheConfig(k=8, chunk_tokens=128, shard_chunks=2)}, "its K"),
-        ({"data": DataConfig(task="piqa", data_dir=str(SHARED_DATA), max_examples=30)},
-         "dataset fingerprint"),
-        ({"data": DataConfig(task="piqa", data_dir=str(SHARED_DATA), max_examples=40,
-                             val_fraction=0.3)}, "split"),
-        ({"data": DataConfig(task="piqa", data_dir=str(SHARED_DATA), max_examples=40,
-                             max_length=20)}, "token stream"),
+        (
+            {"data": DataConfig(task="piqa", data_dir=str(SHARED_DATA), max_examples=30)},
+            "dataset fingerprint",
+        ),
+        (
+            {
+                "data": DataConfig(
+                    task="piqa", data_dir=str(SHARED_DATA), max_examples=40, val_fraction=0.3
+                )
+            },
+            "split",
+        ),
+        (
+            {
+                "data": DataConfig(
+                    task="piqa", data_dir=str(SHARED_DATA), max_examples=40, max_length=20
+                )
+            },
+            "token stream",
+        ),
     ],
 )
 def test_refuses_to_mix(cache, models, change, match):
@@ -273,7 +288,8 @@ def test_adapter_teacher_and_mismatched_base(models, tmp_path):
     assert spec.adapter == str(tmp_path / "ad")
     meta = json.loads((tmp_path / "c" / "teachers" / "v2" / "zarr.json").read_text())
     assert meta["attributes"]["muscle_teacher"]["model"]["adapter_sha256"] == adapter_sha256(
-        tmp_path / "ad")
+        tmp_path / "ad"
+    )
 
 
 # ------------------------------------------------------------------------------ damage

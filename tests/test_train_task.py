@@ -26,7 +26,14 @@ def other_base_dir(tmp_path_factory):
 
 
 def cfg(**kw) -> TrainConfig:
-    base = {"lr": 1e-2, "epochs": 3, "grad_accum": 2, "warmup_steps": 2, "batch_size": 8, "checkpoint_every": 3}
+    base = {
+        "lr": 1e-2,
+        "epochs": 3,
+        "grad_accum": 2,
+        "warmup_steps": 2,
+        "batch_size": 8,
+        "checkpoint_every": 3,
+    }
     return TrainConfig(**(base | kw))
 
 
@@ -75,7 +82,9 @@ def test_resume_after_interruption_equals_uninterrupted(base_dir, tmp_path):
     train_task_adapter(ModelSpec(str(base_dir)), DATA, full, lora=LORA, train_cfg=c)
     part = tmp_path / "part"
     with pytest.raises(KeyboardInterrupt):
-        train_task_adapter(ModelSpec(str(base_dir)), DATA, part, lora=LORA, train_cfg=c, stop_after_steps=5)
+        train_task_adapter(
+            ModelSpec(str(base_dir)), DATA, part, lora=LORA, train_cfg=c, stop_after_steps=5
+        )
     assert (part / ".checkpoint").exists()
     res = train_task_adapter(ModelSpec(str(base_dir)), DATA, part, lora=LORA, train_cfg=c)
     assert res.state == "trained"
@@ -99,29 +108,100 @@ def run_cli(args, capsys):
 
 
 def test_bad_inputs(base_dir, other_base_dir, trained, tmp_path, capsys):
-    common = ["--data-dir", str(SHARED_DATA), "--max-examples", "20", "--lora-r", "4", "--max-steps", "1"]
-    code, err = run_cli(["--task", "nope", "--base", str(base_dir), "--out", str(tmp_path / "a")] + common, capsys)
+    common = [
+        "--data-dir",
+        str(SHARED_DATA),
+        "--max-examples",
+        "20",
+        "--lora-r",
+        "4",
+        "--max-steps",
+        "1",
+    ]
+    code, err = run_cli(
+        ["--task", "nope", "--base", str(base_dir), "--out", str(tmp_path / "a")] + common, capsys
+    )
     assert code == 2 and "unknown task 'nope'" in err and "Traceback" not in err
-    code, err = run_cli(["--task", "piqa", "--base", str(tmp_path / "missing"), "--out", str(tmp_path / "a")] + common, capsys)
+    code, err = run_cli(
+        ["--task", "piqa", "--base", str(tmp_path / "missing"), "--out", str(tmp_path / "a")]
+        + common,
+        capsys,
+    )
     assert code == 2 and "base model not found" in err
-    code, err = run_cli(["--task", "piqa", "--base", str(base_dir), "--out", str(tmp_path / "a"),
-                         "--data-dir", str(tmp_path), "--max-steps", "1"], capsys)
+    code, err = run_cli(
+        [
+            "--task",
+            "piqa",
+            "--base",
+            str(base_dir),
+            "--out",
+            str(tmp_path / "a"),
+            "--data-dir",
+            str(tmp_path),
+            "--max-steps",
+            "1",
+        ],
+        capsys,
+    )
     assert code == 2 and "data file not found" in err
     # an adapter trained on another base
     out, _ = trained
-    code, err = run_cli(["--task", "piqa", "--base", str(other_base_dir), "--adapter", str(out),
-                         "--out", str(tmp_path / "b")] + common, capsys)
+    code, err = run_cli(
+        [
+            "--task",
+            "piqa",
+            "--base",
+            str(other_base_dir),
+            "--adapter",
+            str(out),
+            "--out",
+            str(tmp_path / "b"),
+        ]
+        + common,
+        capsys,
+    )
     assert code == 2 and "was trained on base" in err
     # out dir holding a different run: refused, nothing touched
     before = (out / "adapter_model.safetensors").read_bytes()
-    code, err = run_cli(["--task", "piqa", "--base", str(base_dir), "--out", str(out)] + common, capsys)
+    code, err = run_cli(
+        ["--task", "piqa", "--base", str(base_dir), "--out", str(out)] + common, capsys
+    )
     assert code == 2 and "holds a different run" in err and "--overwrite" in err
     assert (out / "adapter_model.safetensors").read_bytes() == before
     # sequence longer than the model's context, when refusing
-    code, err = run_cli(["--task", "piqa", "--base", str(base_dir), "--out", str(tmp_path / "c"),
-                         "--max-length", "8", "--truncation", "refuse"] + common, capsys)
+    code, err = run_cli(
+        [
+            "--task",
+            "piqa",
+            "--base",
+            str(base_dir),
+            "--out",
+            str(tmp_path / "c"),
+            "--max-length",
+            "8",
+            "--truncation",
+            "refuse",
+        ]
+        + common,
+        capsys,
+    )
     assert code == 2 and "max_length=8" in err
     # no examples left
-    code, err = run_cli(["--task", "piqa", "--base", str(base_dir), "--out", str(tmp_path / "d"),
-                         "--data-dir", str(SHARED_DATA), "--max-examples", "0", "--max-steps", "1"], capsys)
+    code, err = run_cli(
+        [
+            "--task",
+            "piqa",
+            "--base",
+            str(base_dir),
+            "--out",
+            str(tmp_path / "d"),
+            "--data-dir",
+            str(SHARED_DATA),
+            "--max-examples",
+            "0",
+            "--max-steps",
+            "1",
+        ],
+        capsys,
+    )
     assert code == 2 and "no examples" in err

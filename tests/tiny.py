@@ -56,15 +56,24 @@ def build_tokenizer(vocab_size: int = 600):
     )
 
 
-def make_model_dir(path: Path, *, seed: int = 0, hidden: int = 64, layers: int = 2, vocab_size: int = 600,
-                   init_std: float = 0.02) -> Path:
+def make_model_dir(
+    path: Path,
+    *,
+    seed: int = 0,
+    hidden: int = 64,
+    layers: int = 2,
+    vocab_size: int = 600,
+    init_std: float = 0.02,
+) -> Path:
     """Save a tiny random Llama + the shared tiny tokenizer as a HF model directory."""
     from muscle.models import tiny_llama
 
     tok = build_tokenizer(vocab_size)
     # A larger init_std gives peaked, model-specific next-token distributions (random models
     # with the default init are nearly uniform, which makes top-1 comparisons meaningless).
-    model = tiny_llama(len(tok), hidden=hidden, layers=layers, seed=seed, initializer_range=init_std)
+    model = tiny_llama(
+        len(tok), hidden=hidden, layers=layers, seed=seed, initializer_range=init_std
+    )
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     tok.save_pretrained(path)
