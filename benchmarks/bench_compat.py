@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_compat.py --model tiny [--steps 30] [--quick]
     .venv/bin/python benchmarks/bench_compat.py --model smollm2 [--steps 12] [--quick]
+    ... [--gradient-checkpointing]   # both modes train with activation checkpointing
 
 Builds (or reuses, under ``--workdir``, default /tmp/bench_compat/<model>) an update v1 -> v2
 with random LoRA task adapters and a K=64 teacher cache of both, then runs the same number of
@@ -28,6 +29,10 @@ converted from the Q4_1 GGUF, DESIGN §7) as v1's base, and v2's base = the same
 1% Gaussian noise (relative to each tensor's std) added. Each base gets its own random LoRA
 (r=16, alpha=32, all linear layers, B ~ N(0, 0.02)). The benchmark measures mechanics, not
 quality. Appends rows to benchmarks/results/compat_cpu.csv (or --csv).
+
+``--gradient-checkpointing`` sets ``TrainConfig.gradient_checkpointing`` in both modes (the
+student's decoder layers are recomputed in the backward pass); the CSV's ``note`` says
+``gradient checkpointing on`` for such rows, the other columns keep their meaning.
 """
 
 from __future__ import annotations
@@ -153,6 +158,21 @@ def perturbed_copy(src: Path, out: Path, rel: float, seed: int) -> Path:
     return out
 
 
+def adapters_match_bases(info: dict) -> bool:
+    """Whether each adapter's sidecar still names its base's current fingerprint. A setup built
+    before ``base_fingerprint`` changed is refused by training ("trained on base ..."): rebuild."""
+    from muscle.config import ModelSpec
+    from muscle.models import base_fingerprint, read_sidecar
+
+    for name in ("v1", "v2"):
+        base, adapter = info[name]
+        recorded = (read_sidecar(adapter) or {}).get("base", {}).get("fingerprint")
+        if recorded != base_fingerprint(ModelSpec(base)):
+            print(f"{name}'s adapter names a stale base fingerprint: rebuilding the setup")
+            return False
+    return True
+
+
 def setup(args) -> dict:
     """Model pair + adapters + cache, reused when ``setup.json`` matches."""
     from muscle.config import DataConfig, ModelSpec
@@ -171,7 +191,7 @@ def setup(args) -> dict:
     if marker.is_file():
         info = json.loads(marker.read_text())
         bases_there = all((Path(info[v][0]) / "config.json").is_file() for v in ("v1", "v2"))
-        if info.get("key") == key and bases_there:
+        if info.get("key") == key and bases_there and adapters_match_bases(info):
             print(f"reusing {work}")
             return info
     work.mkdir(parents=True, exist_ok=True)
@@ -247,6 +267,7 @@ def child(args) -> None:
         checkpoint_every=10**9,
         log_every=1,
         seed=0,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     ccfg = CompatConfig(temperature=TEMPERATURE, mask="v2c_wrong")
     out = Path(args.run_dir)
@@ -331,6 +352,8 @@ def run_child(args, mode: str, setup_json: Path, run_dir: Path) -> dict:
         "--threads",
         str(args.threads),
     ]
+    if args.gradient_checkpointing:
+        cmd.append("--gradient-checkpointing")
     env = os.environ | {
         "TQDM_DISABLE": "1",
         "PYTHONPATH": str(REPO),
@@ -371,6 +394,11 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="default /tmp/bench_compat/<model>")
     ap.add_argument("--csv", default=str(REPO / "benchmarks" / "results" / "compat_cpu.csv"))
     ap.add_argument("--quick", action="store_true", help="fewer steps, one round")
+    ap.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="train with activation checkpointing in both modes (noted in the CSV's note column)",
+    )
     ap.add_argument("--child", choices=["cache", "online"], help=argparse.SUPPRESS)
     ap.add_argument("--setup-json", help=argparse.SUPPRESS)
     ap.add_argument("--run-dir", help=argparse.SUPPRESS)
@@ -413,6 +441,7 @@ def main() -> None:
         return statistics.median(vals) if vals else None
 
     date = datetime.date.today().isoformat()
+    gc_note = "gradient checkpointing on; " if args.gradient_checkpointing else ""
     mach = machine() if args.device == "cpu" else args.device
     fields = [
         "date",
@@ -448,7 +477,7 @@ def main() -> None:
                 "rounds": args.rounds,
                 "tokens_per_s_each": " ".join(f"{x['tokens_per_s']:.1f}" for x in results[mode]),
                 "note": (
-                    f"medians of {args.rounds} alternating fresh-process runs; tokens/s = trained tokens "
+                    f"{gc_note}medians of {args.rounds} alternating fresh-process runs; tokens/s = trained tokens "
                     f"over steps {args.warmup + 1}..{args.steps}; K={K} T={TEMPERATURE} lora r={args.lora_r}; "
                     f"{info['note']}"
                 ),
@@ -467,7 +496,8 @@ def main() -> None:
     c_rss, o_rss = med("cache", "peak_rss_mb"), med("online", "peak_rss_mb")
     c_b, o_b = med("cache", "base_rss_mb"), med("online", "base_rss_mb")
     print(
-        f"\nmachine: {mach}; {args.model}; {args.steps} steps x batch {args.batch_size}; {args.rounds} rounds"
+        f"\nmachine: {mach}; {args.model}; {args.steps} steps x batch {args.batch_size}; {args.rounds} rounds; "
+        f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}"
     )
     print(
         "| model | mode | tokens/s (median) | peak RSS MB | RSS above imports MB | training-phase HWM MB |"

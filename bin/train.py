@@ -84,6 +84,11 @@ _MASKS = ["v2c_wrong", "v1_correct", "always_v1", "always_v2", "token_ll", "seq_
 @click.option("--max-steps", type=int, help="Stop after this many optimizer steps.")
 @click.option("--seed", default=_DEF_T.seed, show_default=True, type=int)
 @click.option("--checkpoint-every", default=_DEF_T.checkpoint_every, show_default=True, type=int)
+@click.option(
+    "--gradient-checkpointing",
+    is_flag=True,
+    help="Recompute activations in the backward pass: less memory, more compute, same result.",
+)
 @click.option("--lora-r", default=_DEF_L.r, show_default=True, type=int)
 @click.option("--lora-alpha", default=_DEF_L.alpha, show_default=True, type=float)
 @click.option("--lora-dropout", default=_DEF_L.dropout, show_default=True, type=float)
@@ -128,6 +133,7 @@ def cli(**o) -> None:
         max_steps=o["max_steps"],
         seed=o["seed"],
         checkpoint_every=o["checkpoint_every"],
+        gradient_checkpointing=o["gradient_checkpointing"],
     )
     compat_cfg = CompatConfig(
         temperature=o["temperature"],

@@ -44,6 +44,7 @@ from muscle.train import (
     prepare_run_dir,
     resolve_deepspeed_config,
     student_logits,
+    train_identity,
     valid_rows,
 )
 
@@ -232,11 +233,7 @@ def train_compat_from_cache(
         "cache_id": reader.meta.get("dataset_fingerprint"),
         "v2": describe_model(v2_spec),
         "compat": to_dict(compat_cfg),
-        "train": {
-            k: v
-            for k, v in to_dict(train_cfg).items()
-            if k not in ("checkpoint_every", "log_every")
-        },
+        "train": train_identity(train_cfg),
     }
     if ds is not None:
         identity["deepspeed"] = ds  # its checkpoints are ZeRO partitions: resume only the same way
@@ -396,11 +393,7 @@ def train_compat_online(
         "v2": describe_model(v2),
         "top_k": top_k,
         "compat": to_dict(compat_cfg),
-        "train": {
-            k: v
-            for k, v in to_dict(train_cfg).items()
-            if k not in ("checkpoint_every", "log_every")
-        },
+        "train": train_identity(train_cfg),
     }
     run, state = prepare_run_dir(out_dir, identity, overwrite=overwrite)
     if (done := _already_done(run, state)) is not None:

@@ -62,6 +62,10 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 50  # optimizer steps between resumable checkpoints
     log_every: int = 1
+    # Recompute each decoder layer's activations in the backward pass instead of storing them:
+    # less memory for more compute, same result. Not part of a run's identity (see
+    # muscle.train.train_identity), so a run may resume with it switched.
+    gradient_checkpointing: bool = False
 
 
 @dataclass(frozen=True)

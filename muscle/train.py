@@ -99,6 +99,45 @@ class CrossEntropyObjective:
         return loss, {"loss": loss.item(), "ce": loss.item(), "n_tokens": float(rows.numel())}
 
 
+# ------------------------------------------------------------------------------ run identity
+
+# TrainConfig fields that change how a run executes, not what it learns: left out of the run's
+# identity, so a run may resume with them changed, and adding such a field does not make every
+# run started before it look like a different run (its fingerprint would change otherwise).
+NOT_IN_IDENTITY = ("checkpoint_every", "log_every", "gradient_checkpointing")
+
+
+def train_identity(cfg: TrainConfig) -> dict:
+    """The part of ``cfg`` that defines a run (its resume fingerprint)."""
+    return {k: v for k, v in to_dict(cfg).items() if k not in NOT_IN_IDENTITY}
+
+
+# ------------------------------------------------------------------------------ memory
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them.
+
+    ``model``: a PEFT model (checkpointing is switched on the HF base under the adapter) or a
+    plain HF causal LM. Non-reentrant checkpointing: a LoRA weight inside a checkpointed layer
+    gets its gradient even though the frozen embeddings' output does not require grad (the
+    reentrant kind would need ``enable_input_require_grads``, and fails without it). HF
+    checkpoints a layer only in train mode with grad enabled, so validation and online mode's
+    teachers (eval mode, no_grad) run exactly as before.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise MuscleError(f"{type(base).__name__} does not support gradient checkpointing")
+    kwargs = {"use_reentrant": False}
+    enable = getattr(base, "activation_checkpointing_enable", None)  # the newer name
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # A KV cache is useless when training, and under checkpointing HF would drop it with a warning.
+    base.config.use_cache = False
+
+
 # ------------------------------------------------------------------------------ run dir
 
 
@@ -534,6 +573,8 @@ def fit(
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)  # before DDP / DeepSpeed wrap the model
     if deepspeed_config is None:
         stepper = Stepper(model, cfg, total_steps, device)
     else:
@@ -715,11 +756,7 @@ def train_task_adapter(
         "data": to_dict(data_cfg),
         "dataset_fingerprint": dataset_fingerprint(task, train_ex + val_ex),
         "lora": to_dict(lora),
-        "train": {
-            k: v
-            for k, v in to_dict(train_cfg).items()
-            if k not in ("checkpoint_every", "log_every")
-        },
+        "train": train_identity(train_cfg),
     }
     if ds is not None:
         identity["deepspeed"] = ds  # its checkpoints are ZeRO partitions: resume only the same way
