@@ -22,7 +22,13 @@ import torch
 
 from muscle import MuscleError, __version__, distributed
 from muscle.config import CompatConfig, DataConfig, ModelSpec, TrainConfig, to_dict
-from muscle.data import encode_examples, iter_batches, model_max_length, num_batches
+from muscle.data import (
+    IGNORE_INDEX,
+    encode_examples,
+    iter_batches,
+    model_max_length,
+    num_batches,
+)
 from muscle.models import (
     base_fingerprint,
     describe_model,
@@ -40,6 +46,7 @@ from muscle.train import (
     empty_batch_loss,
     finish_run,
     fit,
+    logits_at,
     pick_device,
     prepare_run_dir,
     resolve_deepspeed_config,
@@ -312,29 +319,34 @@ class LiveTeachers:
         self.v1, self.student, self.k, self.T = v1_model, student, k, temperature
 
     @torch.no_grad()
-    def _topk(self, logits: torch.Tensor, labels: torch.Tensor, prefix: str, out: Batch) -> None:
+    def _topk(self, model, batch: Batch, prefix: str, out: Batch) -> None:
+        """Top-K of ``model`` at the labelled positions, written into (B, T, ...) tensors."""
         from muscle.topk import teacher_topk
 
-        B, T, V = logits.shape
-        tk = teacher_topk(
-            logits.reshape(B * T, V), labels.reshape(-1), self.k, temperatures=(self.T, 1.0)
-        )
-        lp = tk.values / self.T - tk.lse[self.T][:, None]  # (B*T, K) log-probs at T
-        label_lp = tk.label_logit - tk.lse[1.0]  # (B*T,) at T = 1
-        out[f"{prefix}_ids"] = tk.ids.reshape(B, T, -1)
-        out[f"{prefix}_logprobs"] = lp.reshape(B, T, -1)
-        out[f"{prefix}_label_logprob"] = torch.nan_to_num(label_lp, nan=0.0).reshape(B, T)
+        labels = batch["labels"]  # (B, T)
+        keep = labels != IGNORE_INDEX
+        rows = keep.reshape(-1).nonzero(as_tuple=True)[0]  # (n,)
+        z = logits_at(model, batch, keep, rows)  # (n, V)
+        tk = teacher_topk(z, labels.reshape(-1)[rows], self.k, temperatures=(self.T, 1.0))
+        B, T = labels.shape
+        ids = torch.zeros(B, T, self.k, dtype=tk.ids.dtype, device=z.device)
+        lp = torch.zeros(B, T, self.k, dtype=torch.float32, device=z.device)
+        label_lp = torch.zeros(B, T, dtype=torch.float32, device=z.device)
+        ids[keep] = tk.ids
+        lp[keep] = tk.values / self.T - tk.lse[self.T][:, None]  # log-probs at T
+        label_lp[keep] = tk.label_logit - tk.lse[1.0]  # at T = 1
+        out[f"{prefix}_ids"], out[f"{prefix}_logprobs"] = ids, lp
+        out[f"{prefix}_label_logprob"] = label_lp
 
     @torch.no_grad()
     def __call__(self, batch: Batch) -> Batch:
-        kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         out = dict(batch)
-        self._topk(self.v1(**kw).logits, batch["labels"], "v1", out)
+        self._topk(self.v1, batch, "v1", out)
         was_training = self.student.training
         self.student.eval()
         self.student.set_adapter("teacher")
         try:
-            self._topk(self.student(**kw).logits, batch["labels"], "v2", out)
+            self._topk(self.student, batch, "v2", out)
         finally:
             self.student.set_adapter("default")
             self.student.train(was_training)

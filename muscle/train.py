@@ -71,10 +71,44 @@ def valid_rows(batch: Batch) -> torch.Tensor:
 
 
 def student_logits(model, batch: Batch, rows: torch.Tensor) -> torch.Tensor:
-    """Logits at the labelled positions only, (n, V): never the padded (B*T, V) in float32."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    logits = out.logits  # (B, T, V)
-    return logits.reshape(-1, logits.shape[-1]).index_select(0, rows)
+    """Logits at the labelled positions only, (n, V), in the order of ``rows``."""
+    return logits_at(model, batch, batch["labels"] != IGNORE_INDEX, rows)
+
+
+# Model classes whose forward took a boolean (B, T) ``logits_to_keep`` (True / False), learnt
+# on first use: transformers applies lm_head to the kept positions only (recent 5.x releases).
+_KEEP_MASK_OK: dict[type, bool] = {}
+
+
+def logits_at(model, batch: Batch, keep: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Logits at the True positions of ``keep`` (B, T) bool, flattened row-major: (n, V).
+
+    ``rows``: the same positions as flat indices into B*T (``keep.reshape(-1).nonzero()``).
+    The LM head runs on the kept positions only where the model supports it: for task data
+    (answers after long prompts) that is a small part of B*T, and the (B, T, V) float logits
+    and their gradient (2 GB for 8 x 512 tokens and a 128k vocabulary) are never made.
+    Otherwise the full logits are computed and the rows selected.
+    """
+    kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    cls = type(_unwrapped(model))
+    if _KEEP_MASK_OK.get(cls, True):
+        try:
+            z = model(**kw, logits_to_keep=keep).logits
+        except (TypeError, IndexError):  # no such argument, or only int / 1-D positions
+            z = None
+        ok = z is not None and z.dim() == 2 and z.shape[0] == rows.numel()
+        _KEEP_MASK_OK[cls] = ok
+        if ok:
+            return z  # (n, V)
+    z = model(**kw).logits  # (B, T, V)
+    return z.reshape(-1, z.shape[-1]).index_select(0, rows)
+
+
+def _unwrapped(model):
+    """The Hugging Face model under DDP / DeepSpeed (.module) and PEFT (get_base_model)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def empty_batch_loss(model, batch: Batch) -> torch.Tensor:

@@ -205,3 +205,52 @@ def test_bad_inputs(base_dir, other_base_dir, trained, tmp_path, capsys):
         capsys,
     )
     assert code == 2 and "no examples" in err
+
+
+class _NoKeepArg(torch.nn.Module):
+    """A causal LM whose forward has no ``logits_to_keep`` (older or custom models)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def test_logits_at_labelled_positions_only(base_dir):
+    # The LM head runs on the labelled positions only (logits_to_keep), or, for a model without
+    # that argument, on all of them followed by a row selection: the same (n, V) rows either way,
+    # and the same gradient for the LoRA weights.
+    from muscle.models import attach_lora, load_base
+    from muscle.train import _KEEP_MASK_OK, logits_at
+
+    torch.manual_seed(0)
+    model = attach_lora(load_base(ModelSpec(str(base_dir))), LoraSpec(r=4, alpha=8.0))
+    with torch.no_grad():  # B = 0 at init would give every A a zero gradient
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    B, T = 3, 13
+    ids = torch.randint(3, 500, (B, T))
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[2, 9:] = 0  # right padding
+    labels = torch.full((B, T), -100)
+    labels[0, 4:7], labels[1, 12], labels[2, 2:9] = 5, 7, 1
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    keep = labels != -100
+    rows = keep.reshape(-1).nonzero(as_tuple=True)[0]
+    full = model(input_ids=ids, attention_mask=mask).logits.reshape(B * T, -1)[rows]
+    got = {}
+    for name, m in (("keep", model), ("fallback", _NoKeepArg(model))):
+        model.zero_grad()
+        z = logits_at(m, batch, keep, rows)
+        assert z.shape == (rows.numel(), full.shape[1])
+        torch.testing.assert_close(z, full, rtol=1e-5, atol=1e-6)
+        z.square().sum().backward()
+        got[name] = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    assert _KEEP_MASK_OK[type(model.get_base_model())] is True
+    assert _KEEP_MASK_OK[_NoKeepArg] is False
+    assert all(g.abs().sum() > 0 for g in got["keep"])
+    for a, b in zip(got["keep"], got["fallback"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
