@@ -213,7 +213,8 @@ def check_adapter_matches_base(adapter_dir: Path, base_spec: ModelSpec) -> None:
     if side and side.get("base", {}).get("fingerprint"):
         want = side["base"]["fingerprint"]
         have = base_fingerprint(base_spec)
-        if want != have:
+        # adapters saved before the fingerprint sampled whole files record the older one
+        if want != have and want != base_fingerprint(base_spec, legacy=True):
             raise MuscleError(
                 f"adapter {adapter_dir} was trained on base {side['base'].get('path')!r} "
                 f"(fingerprint {want}), not on {base_spec.base!r} (fingerprint {have}): "
@@ -254,9 +255,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return _sha(json.dumps(keep, sort_keys=True, ensure_ascii=False).encode())[:16]
 
 
-def base_fingerprint(spec: ModelSpec) -> str:
+def base_fingerprint(spec: ModelSpec, *, legacy: bool = False) -> str:
     """Config + sampled bytes of each weight file (:func:`_hash_samples`), for local bases;
-    the hub id@revision otherwise."""
+    the hub id@revision otherwise. ``legacy=True``: the definition of muscle <= 249a04b (file
+    names + the first MiB of each file), which sidecars written before then record."""
     base, gguf = _split_gguf(spec)
     if gguf:
         check_base_exists(spec)  # a missing .gguf is a MuscleError, not a FileNotFoundError
@@ -275,6 +277,12 @@ def base_fingerprint(spec: ModelSpec) -> str:
     )
     for p in files:
         if p.name in ("config.json",) or p.suffix in (".safetensors", ".bin", ".gguf"):
+            if legacy:
+                h.update(p.name.encode())
+                h.update(str(p.stat().st_size).encode())
+                with p.open("rb") as f:
+                    h.update(f.read(_HEAD_BYTES))
+                continue
             # a GGUF is one self-contained file: its content, not its name, is the model
             h.update(b"gguf" if p.suffix == ".gguf" else p.name.encode())
             h.update(str(p.stat().st_size).encode())

@@ -47,3 +47,31 @@ def test_base_fingerprint_sees_changes_past_the_head(tmp_path):
         assert base_fingerprint(spec) != fp
     weights.write_bytes(bytes(data))
     assert base_fingerprint(spec) == fp
+
+
+def test_adapters_recording_the_legacy_fingerprint_still_load(tmp_path):
+    # Sidecars written before the fingerprint sampled whole files record the older definition
+    # (file name, size and first MiB of config.json and each weight file, sha256, 16 hex): they
+    # must still be accepted, and a wrong fingerprint still refused.
+    import hashlib
+    import json
+
+    import pytest
+
+    from muscle import MuscleError
+    from muscle.models import SIDECAR, check_adapter_matches_base
+
+    base = make_model_dir(tmp_path / "base", seed=5)
+    h = hashlib.sha256()
+    for p in sorted(base.iterdir()):
+        if p.name == "config.json" or p.suffix in (".safetensors", ".bin"):
+            h.update(p.name.encode() + str(p.stat().st_size).encode() + p.read_bytes()[: 1 << 20])
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    for fp, ok in ((h.hexdigest()[:16], True), ("0123456789abcdef", False)):
+        (adapter / SIDECAR).write_text(json.dumps({"base": {"path": str(base), "fingerprint": fp}}))
+        if ok:
+            check_adapter_matches_base(adapter, ModelSpec(str(base)))
+        else:
+            with pytest.raises(MuscleError, match="was trained on base"):
+                check_adapter_matches_base(adapter, ModelSpec(str(base)))
