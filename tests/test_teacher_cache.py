@@ -19,6 +19,7 @@ from muscle.teacher_cache import (
     build_cache,
     cache_teacher_spec,
     inspect_cache,
+    render_inspect,
     verify_cache,
 )
 from tiny import SHARED_DATA, make_model_dir
@@ -352,3 +353,32 @@ def test_disk_full_is_clean_and_resumable(cache, models, tmp_path, monkeypatch):
     res = build(out, models["m2"], "v2")
     assert res.resumed and 0 < res.units_built < res.units_total
     assert_same_cache(out, cache)
+
+
+def test_top_k_mass_equals_dense_softmax(cache, models):
+    # inspect's diagnostic: the teacher's probability on its top-K at each cached T, median and
+    # p10 over all labelled positions (this cache is smaller than the sample), against a dense
+    # softmax of the model's own logits.
+    from muscle.teacher_cache import top_k_mass
+
+    reader = CacheReader(cache)
+    n_ex = reader.stream.n_examples
+    masses = {1.0: [], 2.0: []}
+    for e in range(n_ex):
+        lo, hi = reader.stream.offsets[e], reader.stream.offsets[e + 1]
+        logits = dense(models["m1"], reader.stream.input_ids[lo:hi].tolist()).double()  # (L, V)
+        keep = torch.from_numpy(reader.stream.labels[lo:hi].astype(np.int64)) != -100
+        for t in masses:
+            p = (logits / t).softmax(1)[keep]  # (L', V)
+            masses[t].append(p.topk(K, dim=1).values.sum(1))
+    got = top_k_mass(cache, "v1", max_rows=10**9)
+    assert set(got) == {"1.0", "2.0"}
+    for t, parts in masses.items():
+        m = torch.cat(parts).numpy()
+        assert got[str(t)]["tokens"] == m.size
+        assert got[str(t)]["median"] == pytest.approx(float(np.median(m)), abs=2e-3)
+        assert got[str(t)]["p10"] == pytest.approx(float(np.quantile(m, 0.1)), abs=2e-3)
+    assert got["2.0"]["median"] < got["1.0"]["median"]  # tempering flattens the teacher
+    info = inspect_cache(cache)
+    assert info["teachers"]["v1"]["top_k_mass"]["2.0"]["tokens"] > 0
+    assert f"top-{K} mass T=1:" in render_inspect(info)
