@@ -9,6 +9,8 @@ Appends CSV rows to benchmarks/results/cache_cpu.csv (or --csv) and prints them:
                 model on PIQA tokens, written with the cache's own writer);
 * ``build``     build tokens/s (forward + top-K + write) vs a bare forward pass over the same
                 batches, and the overhead %;
+* ``build_split`` the build's time by phase (forward, teacher_topk, inputs+convert, write),
+                each as a share of its forward time;
 * ``read``      CacheReader tokens/s (2 teachers, T=2, batch 8, shuffled) vs the tokens/s a
                 training step (LoRA fwd+bwd on the same batches) consumes;
 * ``kl_error``  relative error of the (K+1)-bin KL vs the full-vocabulary KL at T=2, per token
@@ -26,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -35,6 +38,8 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from bench_common import cpu_name  # noqa: E402
 
+import muscle.teacher_cache as teacher_cache_mod  # noqa: E402
+import muscle.topk as topk_mod  # noqa: E402
 from muscle.config import DataConfig, ModelSpec  # noqa: E402
 from muscle.models import save_plain_checkpoint  # noqa: E402
 from muscle.teacher_cache import (  # noqa: E402
@@ -51,8 +56,11 @@ from muscle.teacher_cache import (  # noqa: E402
     read_stream,
 )
 
-CODECS = {"zstd5+shuffle": ("zstd", 5, "shuffle"), "lz4-5+shuffle": ("lz4", 5, "shuffle"),
-          "zstd5+bitshuffle": ("zstd", 5, "bitshuffle")}
+CODECS = {
+    "zstd5+shuffle": ("zstd", 5, "shuffle"),
+    "lz4-5+shuffle": ("lz4", 5, "shuffle"),
+    "zstd5+bitshuffle": ("zstd", 5, "bitshuffle"),
+}
 
 
 def machine() -> str:
@@ -73,7 +81,8 @@ def model_dir(args, tmp: Path) -> Path:
 
 def bench_build(mdir, data, cache, dtype, rows, ctx, rounds):
     """Build v1 (K=64, default codec); then time, alternating to cancel load drift, a bare
-    forward pass and the build's own unit loop (forward + top-K + write) on the same batches."""
+    forward pass and the build's own unit loop (forward + top-K + write) on the same batches,
+    and that loop once more with its phases timed."""
     import zarr
 
     from muscle.models import load_model
@@ -106,29 +115,89 @@ def bench_build(mdir, data, cache, dtype, rows, ctx, rounds):
                     forward_logits(model, x, m)
         return time.perf_counter() - t0
 
-    def build() -> float:
+    def build(acc: dict[str, float] | None = None) -> float:
+        acc = {} if acc is None else acc
         t0 = time.perf_counter()
         for u in range(n_units):
             lo, hi = u * cfg.shard_tokens, min((u + 1) * cfg.shard_tokens, stream.n_tokens)
-            r = compute_unit(model, stream, lo, hi, cfg, device="cpu",
-                             ids_dtype=ids_dtype_for(vocab), pad_id=0)
+            t1 = time.perf_counter()
+            r = compute_unit(
+                model, stream, lo, hi, cfg, device="cpu", ids_dtype=ids_dtype_for(vocab), pad_id=0
+            )
+            t2 = time.perf_counter()
             _write_unit(scratch, cache / "teachers" / "scratch", u, r, cfg)
+            acc["compute_unit"] = acc.get("compute_unit", 0.0) + t2 - t1
+            acc["write"] = acc.get("write", 0.0) + time.perf_counter() - t2
         return time.perf_counter() - t0
 
-    t_bare, t_build = [], []
+    def split() -> dict[str, float]:
+        """The build loop again, with forward_logits and teacher_topk timed where it calls them."""
+        acc: dict[str, float] = {}
+        fwd = _timed(teacher_cache_mod.forward_logits, acc, "forward")
+        top = _timed(topk_mod.teacher_topk, acc, "teacher_topk")
+        with (
+            mock.patch.object(teacher_cache_mod, "forward_logits", fwd),
+            mock.patch.object(topk_mod, "teacher_topk", top),
+        ):
+            build(acc)
+        # compute_unit minus the two timed calls: input tensors, value conversion, scatter
+        acc["inputs+convert"] = acc.pop("compute_unit") - acc["forward"] - acc["teacher_topk"]
+        return acc
+
+    t_bare, t_build, t_split = [], [], []
     for _ in range(rounds):
         t_bare.append(bare())
         t_build.append(build())
+        t_split.append(split())
     shutil.rmtree(cache / "teachers" / "scratch")
     n = stream.n_tokens
-    rows.append(ctx | {"bench": "build", "k": 64, "codec": "zstd5+shuffle", "tokens": n,
-                       "value": round(n / min(t_build), 1), "unit": "tokens/s",
-                       "baseline": round(n / min(t_bare), 1),
-                       "ratio": round(min(t_build) / min(t_bare) - 1, 4),
-                       "note": f"ratio = overhead vs bare forward (min of {rounds} alternating "
-                               f"rounds); full build incl. load {wall:.1f}s "
-                               f"({res.tokens_per_s:.0f} tok/s)"})
+    rows.append(
+        ctx
+        | {
+            "bench": "build",
+            "k": 64,
+            "codec": "zstd5+shuffle",
+            "tokens": n,
+            "value": round(n / min(t_build), 1),
+            "unit": "tokens/s",
+            "baseline": round(n / min(t_bare), 1),
+            "ratio": round(min(t_build) / min(t_bare) - 1, 4),
+            "note": f"ratio = overhead vs bare forward (min of {rounds} alternating "
+            f"rounds; of the medians {np.median(t_build) / np.median(t_bare) - 1:+.1%}); "
+            f"full build incl. load {wall:.1f}s ({res.tokens_per_s:.0f} tok/s)",
+        }
+    )
+    best = {k: min(t[k] for t in t_split) for k in t_split[0]}
+    for phase in ("forward", "teacher_topk", "inputs+convert", "write"):
+        rows.append(
+            ctx
+            | {
+                "bench": "build_split",
+                "k": 64,
+                "codec": "zstd5+shuffle",
+                "tokens": n,
+                "value": round(best[phase], 4),
+                "unit": "s",
+                "baseline": round(best["forward"], 4),
+                "ratio": round(best[phase] / best["forward"], 4),
+                "note": f"phase {phase}; min over {rounds} rounds, each phase on its own"
+                "; baseline = forward s; ratio = share of the forward time",
+            }
+        )
     return model, stream
+
+
+def _timed(fn, acc: dict[str, float], key: str):
+    """fn, adding its wall time to acc[key] on every call."""
+
+    def wrapper(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            acc[key] = acc.get(key, 0.0) + time.perf_counter() - t0
+
+    return wrapper
 
 
 def bench_size(model, stream, rows, ctx, n_tokens):
@@ -137,30 +206,51 @@ def bench_size(model, stream, rows, ctx, n_tokens):
 
     cfg0 = CacheConfig(k=128, chunk_tokens=2048, shard_chunks=32)
     n = min(n_tokens, stream.n_tokens)
-    top = compute_unit(model, stream, 0, n, cfg0, device="cpu",
-                       ids_dtype=np.int64, pad_id=0)
+    top = compute_unit(model, stream, 0, n, cfg0, device="cpu", ids_dtype=np.int64, pad_id=0)
     vocab = int(model.get_output_embeddings().weight.shape[0])
     for k in (16, 32, 64, 128):
         for cname, (codec, clevel, shuffle) in CODECS.items():
-            cfg = CacheConfig(k=k, codec=codec, clevel=clevel, shuffle=shuffle,
-                              chunk_tokens=2048, shard_chunks=max(1, int(np.ceil(n / 2048))))
+            cfg = CacheConfig(
+                k=k,
+                codec=codec,
+                clevel=clevel,
+                shuffle=shuffle,
+                chunk_tokens=2048,
+                shard_chunks=max(1, int(np.ceil(n / 2048))),
+            )
             with tempfile.TemporaryDirectory() as d:
                 root = zarr.open_group(d, mode="w")
                 ids_dt = ids_dtype_for(vocab)
                 tg = _create_teacher(root, "v1", cfg, n, ids_dt, {})
                 from muscle.teacher_cache import UnitResult
 
-                res = UnitResult(ids=top.ids[:, :k].astype(ids_dt),
-                                 logprobs=top.logprobs[:, :k].astype(np.float16),
-                                 lse=top.lse, label_logprob=top.label_logprob)
+                res = UnitResult(
+                    ids=top.ids[:, :k].astype(ids_dt),
+                    logprobs=top.logprobs[:, :k].astype(np.float16),
+                    lse=top.lse,
+                    label_logprob=top.label_logprob,
+                )
                 _write_unit(tg, Path(d) / "teachers" / "v1", 0, res, cfg)
-                size = sum(f.stat().st_size for f in (Path(d) / "teachers" / "v1").rglob("*")
-                           if f.is_file() and "done" not in f.parts)
+                size = sum(
+                    f.stat().st_size
+                    for f in (Path(d) / "teachers" / "v1").rglob("*")
+                    if f.is_file() and "done" not in f.parts
+                )
                 raw = n * (k * (ids_dt.itemsize + 2) + 4 * 3)
-            rows.append(ctx | {"bench": "size", "k": k, "codec": cname, "tokens": n,
-                               "value": round(size / n, 1), "unit": "bytes/token/teacher",
-                               "baseline": round(raw / n, 1), "ratio": round(raw / size, 2),
-                               "note": f"ids {ids_dt}, log-probs float16; baseline = raw bytes"})
+            rows.append(
+                ctx
+                | {
+                    "bench": "size",
+                    "k": k,
+                    "codec": cname,
+                    "tokens": n,
+                    "value": round(size / n, 1),
+                    "unit": "bytes/token/teacher",
+                    "baseline": round(raw / n, 1),
+                    "ratio": round(raw / size, 2),
+                    "note": f"ids {ids_dt}, log-probs float16; baseline = raw bytes",
+                }
+            )
 
 
 def bench_read(cache, mdir, dtype, rows, ctx, n_batches):
@@ -176,16 +266,27 @@ def bench_read(cache, mdir, dtype, rows, ctx, n_batches):
     reader = CacheReader(cache, teachers=("v1", "v2"))
     for workers in (0, 2):
         t, toks = time.time(), 0
-        for i, b in enumerate(reader.iter_batches("train", 8, temperature=2.0, seed=0,
-                                                  num_workers=workers)):
+        for i, b in enumerate(
+            reader.iter_batches("train", 8, temperature=2.0, seed=0, num_workers=workers)
+        ):
             toks += int(b["attention_mask"].sum())
             if i + 1 >= n_batches:
                 break
         read_tps = toks / (time.time() - t)
-        rows.append(ctx | {"bench": "read", "k": 64, "codec": "zstd5+shuffle", "tokens": toks,
-                           "value": round(read_tps, 1), "unit": "tokens/s",
-                           "baseline": "", "ratio": "",
-                           "note": f"2 teachers, T=2, batch 8, shuffled, workers={workers}"})
+        rows.append(
+            ctx
+            | {
+                "bench": "read",
+                "k": 64,
+                "codec": "zstd5+shuffle",
+                "tokens": toks,
+                "value": round(read_tps, 1),
+                "unit": "tokens/s",
+                "baseline": "",
+                "ratio": "",
+                "note": f"2 teachers, T=2, batch 8, shuffled, workers={workers}",
+            }
+        )
     from muscle.config import LoraSpec
     from muscle.models import attach_lora, load_base
 
@@ -226,7 +327,7 @@ def bench_kl(model, stream, rows, ctx, n_tokens, noise):
     zt, zs, toks = [], [], 0
     e = 0
     while toks < n_tokens and e < stream.n_examples:
-        x = torch.from_numpy(stream.input_ids[off[e]:off[e + 1]].astype(np.int64))[None]
+        x = torch.from_numpy(stream.input_ids[off[e] : off[e + 1]].astype(np.int64))[None]
         m = torch.ones_like(x)
         with torch.no_grad():
             zt.append(forward_logits(model, x, m).float())
@@ -245,12 +346,21 @@ def bench_kl(model, stream, rows, ctx, n_tokens, noise):
         q_tail = (1 - q_s.exp().sum(1)).clamp(min=1e-30)
         kl_s = (p_s.exp() * (p_s - q_s)).sum(1) + p_tail * (p_tail.log() - q_tail.log())
         rel = ((full - kl_s).abs() / full.clamp(min=1e-12)).numpy()
-        rows.append(ctx | {"bench": "kl_error", "k": k, "codec": "", "tokens": len(rel),
-                           "value": round(float(np.median(rel)), 5), "unit": "median rel err",
-                           "baseline": round(float(np.percentile(rel, 90)), 5),
-                           "ratio": round(float(np.median(full.numpy())), 5),
-                           "note": f"baseline = p90 rel err; ratio = median full KL; student ="
-                                   f" teacher + {noise:g} std Gaussian weight noise"})
+        rows.append(
+            ctx
+            | {
+                "bench": "kl_error",
+                "k": k,
+                "codec": "",
+                "tokens": len(rel),
+                "value": round(float(np.median(rel)), 5),
+                "unit": "median rel err",
+                "baseline": round(float(np.percentile(rel, 90)), 5),
+                "ratio": round(float(np.median(full.numpy())), 5),
+                "note": f"baseline = p90 rel err; ratio = median full KL; student ="
+                f" teacher + {noise:g} std Gaussian weight noise",
+            }
+        )
 
 
 def main() -> None:
@@ -262,28 +372,57 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--noise", type=float, default=0.05)
     ap.add_argument("--csv", default=str(REPO / "benchmarks" / "results" / "cache_cpu.csv"))
+    ap.add_argument("--label", default="", help="appended to every row's note (which code ran)")
     args = ap.parse_args()
     if args.model == "smollm2" and not args.gguf:
         ap.error("--model smollm2 needs --gguf PATH")
-    n_ex = args.examples or {("tiny", True): 120, ("tiny", False): 400,
-                             ("smollm2", True): 40, ("smollm2", False): 120}[args.model, args.quick]
+    n_ex = (
+        args.examples
+        or {
+            ("tiny", True): 120,
+            ("tiny", False): 400,
+            ("smollm2", True): 40,
+            ("smollm2", False): 120,
+        }[args.model, args.quick]
+    )
     tmp = Path(tempfile.mkdtemp(prefix="bench-cache-"))
     try:
         mdir = model_dir(args, tmp)
-        data = DataConfig(task="piqa", data_dir=str(REPO.parent / "shared" / "data"),
-                          max_examples=n_ex)
-        ctx = {"date": datetime.date.today().isoformat(), "machine": machine(),
-               "model": args.model, "dtype": args.dtype}
+        data = DataConfig(
+            task="piqa", data_dir=str(REPO.parent / "shared" / "data"), max_examples=n_ex
+        )
+        ctx = {
+            "date": datetime.date.today().isoformat(),
+            "machine": machine(),
+            "model": args.model,
+            "dtype": args.dtype,
+        }
         rows: list[dict] = []
-        model, stream = bench_build(mdir, data, tmp / "cache", args.dtype, rows, ctx,
-                                    rounds=2 if args.quick else 3)
+        # the tiny model's rounds take about a second: more of them steady the minimum
+        rounds = {"tiny": 5, "smollm2": 3}[args.model] - (1 if args.quick else 0)
+        model, stream = bench_build(mdir, data, tmp / "cache", args.dtype, rows, ctx, rounds)
         bench_size(model, stream, rows, ctx, 4096 if args.quick else 16384)
         bench_kl(model, stream, rows, ctx, 1024 if args.quick else 4096, args.noise)
         bench_read(tmp / "cache", mdir, args.dtype, rows, ctx, 20 if args.quick else 60)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    fields = ["date", "machine", "model", "dtype", "bench", "k", "codec", "tokens", "value",
-              "unit", "baseline", "ratio", "note"]
+    for r in rows:
+        r["note"] += f"; {args.label}" if args.label else ""
+    fields = [
+        "date",
+        "machine",
+        "model",
+        "dtype",
+        "bench",
+        "k",
+        "codec",
+        "tokens",
+        "value",
+        "unit",
+        "baseline",
+        "ratio",
+        "note",
+    ]
     path = Path(args.csv)
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists()

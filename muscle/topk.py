@@ -7,6 +7,12 @@ per-token log-sum-exp at each cached temperature, so that top-K log-probs (and t
 Order: ids are sorted by descending logit; equal logits go lower id first. The selection at
 the K-th place is deterministic too: among logits tied with the K-th largest, the lowest ids
 are kept. Everything is computed on float32-upcast logits, whatever the input dtype.
+
+Cost per row chunk (this runs once per teacher forward in the cache build, so every full-vocab
+pass counts): one torch.topk of K+1 (which also gives the row max), a row min (with the max,
+the non-finite check), and per temperature one shift pass, an in-place exp and a row sum into
+one reused float32 workspace (lse_T is a max-shifted float32 sum-exp). The tie fix-up runs
+only on rows whose top K+1 holds two equal values.
 """
 
 from __future__ import annotations
@@ -71,54 +77,120 @@ def teacher_topk(
     valid = labels != ignore_index
     if bool(((labels < 0) | (labels >= v))[valid].any()):
         raise ValueError(f"labels out of range [0, {v}) (other than ignore_index={ignore_index})")
-    # Rows at a time, so the float32 upcast and its temporaries stay bounded.
-    rows = max(1, _CHUNK_BYTES // (4 * v * 3))
-    parts = [
-        _topk_rows(logits[lo : lo + rows], labels[lo : lo + rows], valid[lo : lo + rows], k,
-                   temperatures, lo)  # fmt: skip
-        for lo in range(0, n, rows)
-    ]
-    ids = torch.cat([p[0] for p in parts]) if parts else logits.new_empty(0, k, dtype=torch.long)
-    vals = torch.cat([p[1] for p in parts]) if parts else logits.new_empty(0, k).float()
-    lab = torch.cat([p[3] for p in parts]) if parts else logits.new_empty(0).float()
-    lse = {
-        float(t): torch.cat([p[2][i] for p in parts]) if parts else logits.new_empty(0).float()
-        for i, t in enumerate(temperatures)
-    }
+    if n == 0:
+        return _empty(logits, k, temperatures)
+    # Rows at a time, so the float32 upcast and the exp workspace stay bounded.
+    rows = min(n, max(1, _CHUNK_BYTES // (4 * v * 3)))
+    # One float32 workspace for the exp passes of every chunk and temperature, instead of the
+    # (C, V) temporaries of x / T and of logsumexp's x - max for each temperature.
+    work = torch.empty((rows, v), dtype=torch.float32, device=logits.device)  # (C, V)
+    scales = [1.0 / float(t) for t in temperatures]
+    chunks = [slice(lo, lo + rows) for lo in range(0, n, rows)]
+    parts = [_topk_rows(logits[c], labels[c], valid[c], k, scales, work, c.start) for c in chunks]
+    ids, vals, lab = (_cat([p[i] for p in parts]) for i in (0, 1, 3))
+    lse = {float(t): _cat([p[2][i] for p in parts]) for i, t in enumerate(temperatures)}
     return TeacherTopK(ids=ids, values=vals, lse=lse, label_logit=lab)
 
 
-def _topk_rows(logits, labels, valid, k, temperatures, row0):
-    x = logits.float()  # (C, V)
-    bad = ~torch.isfinite(x).all(1)  # (C,)
-    if bool(bad.any()):
-        rows = (bad.nonzero().squeeze(1) + row0).tolist()
-        shown = ", ".join(map(str, rows[:10])) + (", ..." if len(rows) > 10 else "")
-        raise ValueError(f"non-finite teacher logits in {len(rows)} row(s): {shown}")
-    ids = _topk_ids_deterministic(x, k)  # (C, K)
-    vals = x.gather(1, ids)  # (C, K)
-    lse = [torch.logsumexp(x / t, dim=1) for t in temperatures]  # each (C,)
+def _empty(logits: Tensor, k: int, temperatures: tuple[float, ...]) -> TeacherTopK:
+    none = logits.new_empty(0, dtype=torch.float32)  # (0,)
+    return TeacherTopK(
+        ids=logits.new_empty(0, k, dtype=torch.long),
+        values=logits.new_empty(0, k, dtype=torch.float32),
+        lse={float(t): none for t in temperatures},
+        label_logit=none,
+    )
+
+
+def _cat(parts: list[Tensor]) -> Tensor:
+    """Row chunks -> one contiguous tensor (no copy in the common one-chunk case)."""
+    return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts)
+
+
+def _topk_rows(logits, labels, valid, k, scales, work, row0):
+    """One row chunk: (C, V) logits -> ids, values (C, K), [lse (C,) per scale], label logit."""
+    x = logits.float()  # (C, V); no copy when the input is float32 already
+    # One place past the K-th shows a tie straddling it: the (K+1)-th value equals the K-th.
+    vals, ids = torch.topk(x, min(k + 1, x.shape[1]), dim=1, sorted=True)  # (C, K or K+1)
+    top = vals[:, 0]  # (C,) the row max, also the lse shift; +inf shows here
+    _check_finite(top, x.amin(1), row0)  # NaN propagates into the row min, -inf shows there
+    ids, vals = _canonical_topk(x, vals, ids, k)  # (C, K) each
+    lse = [_shifted_lse(x, top, s, work[: len(x)]) for s in scales]  # each (C,)
     lab = x.gather(1, labels.masked_fill(~valid, 0).long()[:, None]).squeeze(1)
     lab = lab.masked_fill(~valid, float("nan"))
     return ids, vals, lse, lab
 
 
-def _topk_ids_deterministic(x: Tensor, k: int) -> Tensor:
-    """Ids of the k largest of each row of x (C, V), descending, ties -> lower id first."""
-    # (C, K): the right set unless logits tied with the K-th largest straddle the K-th place
-    vals, ids = torch.topk(x, k, dim=1, sorted=True)
-    kth = vals[:, -1:]  # (C, 1) the K-th largest value
-    straddle = (x >= kth).sum(1) > k  # (C,)
+def _check_finite(row_max: Tensor, row_min: Tensor, row0: int) -> None:
+    """Refuse rows with NaN/inf, found from the row max and min (C,): no (C, V) isfinite pass."""
+    bad = ~(torch.isfinite(row_max) & torch.isfinite(row_min))  # (C,)
+    if bool(bad.any()):
+        rows = (bad.nonzero().squeeze(1) + row0).tolist()
+        shown = ", ".join(map(str, rows[:10])) + (", ..." if len(rows) > 10 else "")
+        raise ValueError(f"non-finite teacher logits in {len(rows)} row(s): {shown}")
+
+
+def _shifted_lse(x: Tensor, row_max: Tensor, scale: float, work: Tensor) -> Tensor:
+    """lse(x * scale) per row, shifted by the row max: (C, V), (C,) -> (C,) float32.
+
+    scale = 1/T > 0, so max(x * scale) = max(x) * scale: one max serves every temperature.
+    The shifted logits go into the reused workspace, exp runs in place, then a row sum.
+    """
+    shift = row_max * scale  # (C,)
+    if scale <= 1.0:
+        # x * scale - shift in one fused pass; |x * scale| <= |x| cannot overflow
+        torch.add(-shift[:, None], x, alpha=scale, out=work)  # (C, V), every entry <= 0
+    else:
+        # T < 1: x * scale may overflow float32 where x - max(x) does not; shift first
+        torch.sub(x, row_max[:, None], out=work).mul_(scale)  # (C, V), every entry <= 0
+    return work.exp_().sum(1).log_().add_(shift)
+
+
+def _canonical_topk(x: Tensor, vals: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k largest of each row of x (C, V), ids and values (C, K), descending value, ties ->
+    lower id first, from torch.topk's values and ids (C, K+1), or (C, K) when k == V."""
+    # torch.topk orders equal values arbitrarily: only rows with two equal neighbours among
+    # the top K+1 need fixing; elsewhere the values are distinct and the order is canonical.
+    tied = (vals[:, 1:] == vals[:, :-1]).any(1)  # (C,)
+    straddle = vals[:, k] == vals[:, k - 1] if vals.shape[1] > k else torch.zeros_like(tied)
+    vals, ids = vals[:, :k], ids[:, :k]
+    if not bool(tied.any()):
+        return ids, vals
+    r = tied.nonzero().squeeze(1)  # (R,)
+    ids = ids.clone()
+    ids[r] = _canonical_ids(x, r, ids[r], vals[r], straddle[r], k)
+    # Re-read the values: tied 0.0 and -0.0 compare equal but are stored as they are.
+    return ids, x.gather(1, ids)
+
+
+def _canonical_ids(
+    x: Tensor, r: Tensor, ids: Tensor, vals: Tensor, straddle: Tensor, k: int
+) -> Tensor:
+    """Canonical top-k ids of the rows r (R,) of x (C, V), rows with ties, given torch.topk's
+    ids and values (R, K) and whether ties straddle the K-th place (R,)."""
     if bool(straddle.any()):
-        r = straddle.nonzero().squeeze(1)
-        xs, kt = x[r], kth[r]  # (R, V), (R, 1)
-        above = xs > kt
-        tied = xs == kt
-        # Keep the lowest-id tied entries that fill the row up to k.
-        need = k - above.sum(1, keepdim=True)  # (R, 1)
-        keep = above | (tied & (tied.cumsum(1) <= need))  # (R, V), exactly k per row
-        ids[r] = keep.nonzero()[:, 1].view(-1, k)
+        s = straddle.nonzero().squeeze(1)  # (S,) positions in r
+        ids[s] = _lowest_tied_at_kth(x[r[s]], ids[s], vals[s], k)
     # Canonical order: ids ascending, then a stable sort by descending value.
     ids, _ = ids.sort(dim=1)
-    order = x.gather(1, ids).sort(dim=1, descending=True, stable=True).indices
+    order = x[r[:, None], ids].sort(dim=1, descending=True, stable=True).indices  # (R, K)
     return ids.gather(1, order)
+
+
+def _lowest_tied_at_kth(xs: Tensor, ids: Tensor, vals: Tensor, k: int) -> Tensor:
+    """Rows xs (S, V) where entries tied with the K-th value straddle the K-th place: the top-k
+    set keeps every entry above the K-th value, then the lowest ids tied with it.
+
+    torch.topk's sorted ids and values (S, K) already hold the entries above it first.
+    """
+    kth = vals[:, k - 1 :]  # (S, 1)
+    above = (vals > kth).sum(1)  # (S,) all of them are in the top-K: the first places
+    tied = (xs == kth).nonzero()  # (M, 2) row-major: per row, tied ids ascending
+    row, col = tied[:, 0], tied[:, 1]
+    first = torch.searchsorted(row, torch.arange(len(xs), device=row.device))  # (S,) row starts
+    rank = torch.arange(len(row), device=row.device) - first[row]  # (M,) rank within its row
+    lowest = col[rank < (k - above)[row]]  # k - above per row, row-major
+    fill = torch.arange(k, device=ids.device) >= above[:, None]  # (S, K) places to take them
+    ids = ids.clone()
+    ids[fill] = lowest  # boolean assignment is row-major, like `lowest`
+    return ids

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -123,3 +124,155 @@ def test_many_rows_chunked_consistently(monkeypatch):
     torch.testing.assert_close(whole.lse[2.0], parts.lse[2.0], rtol=0, atol=0)
     torch.testing.assert_close(whole.label_logit, parts.label_logit, equal_nan=True)
     assert not math.isnan(float(whole.label_logit[1]))
+
+
+# ---------------------------------------------------------------- against a dense reference
+
+
+def dense_reference(x, k, temps):
+    """Independent float64 answer: a full lexicographic sort by (-logit, id) of every row."""
+    xd = x.float().double().numpy()  # (N, V): the float32 upcast the cache promises, exact
+    n, v = xd.shape
+    ids = np.lexsort((np.broadcast_to(np.arange(v), (n, v)), -xd), axis=1)[:, :k]  # (N, K)
+    values = torch.from_numpy(np.take_along_axis(xd, ids, 1)).float()
+    lse = {t: torch.logsumexp(torch.from_numpy(xd) / t, 1) for t in temps}  # (N,) float64
+    return torch.from_numpy(ids), values, lse
+
+
+def check_against_reference(x, y, k, temps=(1.0, 2.0, 0.7)):
+    tk = teacher_topk(x, y, k, temperatures=temps)
+    ids, values, lse = dense_reference(x, k, temps)
+    assert tk.ids.shape == (x.shape[0], k) and tk.values.shape == (x.shape[0], k)
+    assert torch.equal(tk.ids, ids)
+    assert torch.equal(tk.values, values)  # bit-identical, 0.0 and -0.0 included
+    assert torch.equal(tk.values.signbit(), values.signbit())
+    for t in temps:
+        # max-shifted float32 sum-exp: the float64 truth to float32 rounding (inf where the
+        # truth overflows float32, never NaN)
+        torch.testing.assert_close(tk.lse[t], lse[t].float(), rtol=2e-6, atol=2e-6)
+    valid = y != IGN
+    want = x.float()[torch.arange(len(y)), y.clamp_min(0)]
+    assert torch.equal(tk.label_logit[valid], want[valid])
+    assert bool(tk.label_logit[~valid].isnan().all())
+    return tk
+
+
+def tie_heavy_case(n, v, seed, levels=4, dtype=torch.float32):
+    """Logits drawn from a few values: ties everywhere, at and across the K-th place."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, levels, (n, v), generator=gen).to(dtype)
+    y = torch.randint(0, v, (n,), generator=gen)
+    y[::3] = IGN
+    return x, y
+
+
+@pytest.mark.parametrize("v", [1, 2, 7, 65])
+def test_ties_straddling_kth_place_every_k(v):
+    x, y = tie_heavy_case(9, v, seed=v)
+    for k in range(1, v + 1):  # includes k == V - 1 and k == V
+        check_against_reference(x, y, k)
+
+
+def test_straddle_at_k_equals_v_minus_one():
+    # the K-th and (K+1)-th (last) values tie: the lower id must win the last place
+    x = torch.tensor([[5.0, 1.0, 3.0, 1.0], [1.0, 1.0, 1.0, 1.0], [2.0, 0.0, 2.0, 2.0]])
+    y = torch.tensor([0, 1, IGN])
+    tk = check_against_reference(x, y, 3)
+    assert tk.ids.tolist() == [[0, 2, 1], [0, 1, 2], [0, 2, 3]]
+    tk = check_against_reference(x, y, 4)
+    assert tk.ids.tolist() == [[0, 2, 1, 3], [0, 1, 2, 3], [0, 2, 3, 1]]
+
+
+def test_ties_inside_topk_but_not_straddling():
+    # equal values inside the top-K, a distinct K-th: the set is right, the order is fixed
+    x = torch.tensor([[0.0, 7.0, 3.0, 7.0, 3.0, 9.0, -1.0, 7.0]])
+    tk = check_against_reference(x, torch.tensor([IGN]), 6)
+    assert tk.ids.tolist() == [[5, 1, 3, 7, 2, 4]]
+
+
+def test_signed_zeros_are_ties_and_keep_their_sign():
+    x = torch.tensor([[0.0, -0.0, 1.0, -0.0, 0.0, -1.0], [-0.0, -0.0, 0.0, -2.0, 0.0, 0.0]])
+    y = torch.tensor([1, IGN])
+    for k in range(1, 7):
+        check_against_reference(x, y, k)
+    assert teacher_topk(x, y, 3).ids.tolist() == [[2, 0, 1], [0, 1, 2]]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs_match_reference(dtype):
+    # half-precision logits tie often: most rows take the tie path
+    x, y = rand_case(n=41, v=700, seed=5, dtype=dtype)
+    tk = check_against_reference(x, y, 64)
+    assert bool((tk.values[:, 1:] == tk.values[:, :-1]).any(1).float().mean() > 0.5)
+    x, y = tie_heavy_case(17, 90, seed=6, levels=6, dtype=dtype)
+    for k in (1, 30, 89, 90):
+        check_against_reference(x, y, k)
+
+
+@pytest.mark.parametrize("n,v,k", [(1, 1, 1), (1, 5000, 3), (3, 2, 1), (64, 33, 33), (5, 129, 128)])
+def test_odd_shapes_match_reference(n, v, k):
+    x, y = rand_case(n=n, v=v, seed=n + v)
+    check_against_reference(x, y, k)
+
+
+def test_non_contiguous_and_extreme_logits():
+    x, y = rand_case(n=12, v=300, seed=8)
+    x[0] *= 1e6  # a huge spread: the shift must come from the row max
+    x[1] += 8e4  # a large offset: exp(x / T) would overflow without the shift
+    x[2] = -3e38  # near the float32 limit, all tied: lse at T=0.7 overflows to -inf
+    x[3, :7] = 3e38  # x / 0.7 overflows, x - max(x) does not
+    xt = x.t().contiguous().t()  # same values, column-major strides
+    assert not xt.is_contiguous()
+    check_against_reference(xt, y, 10)
+    check_against_reference(x[:, ::2], y.clamp(max=149), 10)
+
+
+def test_chunked_with_ties_matches_reference(monkeypatch):
+    import muscle.topk as topk_mod
+
+    x, y = tie_heavy_case(23, 40, seed=9)
+    monkeypatch.setattr(topk_mod, "_CHUNK_BYTES", 4 * 40 * 3 * 4)  # 4 rows per chunk
+    for k in (5, 39, 40):
+        check_against_reference(x, y, k)
+
+
+def test_empty_batch():
+    tk = teacher_topk(torch.zeros(0, 10), torch.zeros(0, dtype=torch.long), 4)
+    assert tk.ids.shape == (0, 4) and tk.ids.dtype == torch.int64
+    assert tk.values.shape == (0, 4) and tk.values.dtype == torch.float32
+    assert tk.lse[2.0].shape == (0,) and tk.label_logit.shape == (0,)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_each_kind_of_non_finite_is_refused(bad, dtype):
+    x, y = rand_case(n=9, v=50, seed=4)
+    x[6, 31] = bad  # one entry (a -inf is not the row max: the row min must catch it)
+    with pytest.raises(ValueError, match=r"^non-finite teacher logits in 1 row\(s\): 6$"):
+        teacher_topk(x.to(dtype), y, 4)
+    x[:, 0] = bad  # every row
+    with pytest.raises(ValueError, match=r"in 9 row\(s\): 0, 1, 2, 3, 4, 5, 6, 7, 8$"):
+        teacher_topk(x.to(dtype), y, 4)
+
+
+def test_float64_overflowing_float32_is_refused():
+    x, y = rand_case(n=3, v=20, dtype=torch.float64)
+    x[1, 2] = 1e39  # finite in float64, +inf once cast to float32: refused like inf
+    with pytest.raises(ValueError, match=r"1 row\(s\): 1$"):
+        teacher_topk(x, y, 4)
+
+
+def test_non_finite_rows_numbered_across_chunks(monkeypatch):
+    import muscle.topk as topk_mod
+
+    x, y = rand_case(n=30, v=50, seed=2)
+    x[3, 1] = float("-inf")
+    x[17, 40] = float("nan")
+    x[29, 0] = float("inf")
+    monkeypatch.setattr(topk_mod, "_CHUNK_BYTES", 4 * 50 * 3 * 7)  # 7 rows per chunk
+    # the first chunk with a bad row stops the build: its rows are reported
+    with pytest.raises(ValueError, match=r"1 row\(s\): 3$"):
+        teacher_topk(x, y, 4)
+    x[3, 1] = 0.0
+    with pytest.raises(ValueError, match=r"1 row\(s\): 17$"):
+        teacher_topk(x, y, 4)
