@@ -125,8 +125,9 @@ def _compressors(cfg: CacheConfig, typesize: int) -> list:
 
     out: list = []
     if cfg.codec != "none":
-        out.append(BloscCodec(cname=cfg.codec, clevel=cfg.clevel, shuffle=cfg.shuffle,
-                              typesize=typesize))
+        out.append(
+            BloscCodec(cname=cfg.codec, clevel=cfg.clevel, shuffle=cfg.shuffle, typesize=typesize)
+        )
     out.append(Crc32cCodec())
     return out
 
@@ -154,8 +155,12 @@ class StreamData:
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
-        for a in (self.offsets.astype("<i8"), self.input_ids.astype("<i4"),
-                  self.labels.astype("<i4"), self.split.astype("u1")):
+        for a in (
+            self.offsets.astype("<i8"),
+            self.input_ids.astype("<i4"),
+            self.labels.astype("<i4"),
+            self.split.astype("u1"),
+        ):
             h.update(a.tobytes())
         h.update(json.dumps(self.example_ids).encode())
         return h.hexdigest()[:16]
@@ -229,8 +234,13 @@ def cache_teacher_spec(path: str | Path, name: str) -> ModelSpec:
     m = read_teacher_meta(path, name).get("model") or {}
     if not m.get("base"):
         raise MuscleError(f"teacher {name!r} in {path} records no model")
-    return ModelSpec(base=m["base"], adapter=m.get("adapter"), revision=m.get("revision"),
-                     gguf_file=m.get("gguf_file"), dtype=m.get("dtype", "float32"))
+    return ModelSpec(
+        base=m["base"],
+        adapter=m.get("adapter"),
+        revision=m.get("revision"),
+        gguf_file=m.get("gguf_file"),
+        dtype=m.get("dtype", "float32"),
+    )
 
 
 def teacher_provenance(path: str | Path, name: str) -> dict:
@@ -289,8 +299,14 @@ def check_compatible(path: Path, name: str, meta: dict, new: dict) -> None:
         if meta[key] != new[key]:
             _refuse(path, name, key.replace("_", " "), new[key], meta[key])
     if meta["tokenizer_fingerprint"] != new["tokenizer_fingerprint"]:
-        _refuse(path, name, "tokenizer fingerprint", new["tokenizer_fingerprint"],
-                meta["tokenizer_fingerprint"], "teachers of one cache must share a tokenizer")
+        _refuse(
+            path,
+            name,
+            "tokenizer fingerprint",
+            new["tokenizer_fingerprint"],
+            meta["tokenizer_fingerprint"],
+            "teachers of one cache must share a tokenizer",
+        )
     if meta["task"] != new["task"]:
         _refuse(path, name, "task", new["task"], meta["task"])
     old_dc, new_dc = meta["data_config"], new["data_config"]
@@ -302,12 +318,23 @@ def check_compatible(path: Path, name: str, meta: dict, new: dict) -> None:
     for s in meta["splits"]:
         a, b = meta["dataset_fingerprints"].get(s), new["dataset_fingerprints"].get(s)
         if a != b:
-            _refuse(path, name, f"dataset fingerprint of split {s}", b, a,
-                    "the task data or --max-examples differ")
+            _refuse(
+                path,
+                name,
+                f"dataset fingerprint of split {s}",
+                b,
+                a,
+                "the task data or --max-examples differ",
+            )
     if "stream_fingerprint" in new and meta.get("stream_fingerprint") != new["stream_fingerprint"]:
-        _refuse(path, name, "token stream fingerprint", new["stream_fingerprint"],
-                meta.get("stream_fingerprint"),
-                "tokenization options (--max-length, --truncation, --answer-only) differ")
+        _refuse(
+            path,
+            name,
+            "token stream fingerprint",
+            new["stream_fingerprint"],
+            meta.get("stream_fingerprint"),
+            "tokenization options (--max-length, --truncation, --answer-only) differ",
+        )
 
 
 # ================================================================ forward pass
@@ -364,8 +391,18 @@ class UnitResult:
     label_logprob: np.ndarray  # (S,)
 
 
-def compute_unit(model, stream: StreamData, lo: int, hi: int, cfg: CacheConfig, *,
-                 device, ids_dtype, pad_id: int, progress=None) -> UnitResult:
+def compute_unit(
+    model,
+    stream: StreamData,
+    lo: int,
+    hi: int,
+    cfg: CacheConfig,
+    *,
+    device,
+    ids_dtype,
+    pad_id: int,
+    progress=None,
+) -> UnitResult:
     """Teacher top-K for tokens [lo, hi) of the stream."""
     from muscle.topk import teacher_topk
 
@@ -385,7 +422,9 @@ def compute_unit(model, stream: StreamData, lo: int, hi: int, cfg: CacheConfig, 
         mask = torch.zeros((B, T), dtype=torch.long)
         for b, e in enumerate(batch):
             n = int(lengths[e])
-            input_ids[b, :n] = torch.from_numpy(stream.input_ids[off[e] : off[e + 1]].astype(np.int64))
+            input_ids[b, :n] = torch.from_numpy(
+                stream.input_ids[off[e] : off[e + 1]].astype(np.int64)
+            )
             mask[b, :n] = 1
         pos = np.concatenate([np.arange(off[e], off[e + 1]) for e in batch])  # (N_real,)
         labels = torch.from_numpy(stream.labels[pos].astype(np.int64))
@@ -447,20 +486,43 @@ def _write_stream(root, stream: StreamData, cfg: CacheConfig) -> None:
     g = root.require_group("stream")
     n = max(stream.n_tokens, 1)
     chunks, shards = (cfg.chunk_tokens,), (cfg.shard_tokens,)
-    for name, data, fill in (("input_ids", stream.input_ids, 0),
-                             ("labels", stream.labels, IGNORE_INDEX)):
-        a = g.create_array(name, shape=(n,), dtype="int32", chunks=chunks, shards=shards,
-                           compressors=_compressors(cfg, 4), fill_value=fill, overwrite=True)
+    for name, data, fill in (
+        ("input_ids", stream.input_ids, 0),
+        ("labels", stream.labels, IGNORE_INDEX),
+    ):
+        a = g.create_array(
+            name,
+            shape=(n,),
+            dtype="int32",
+            chunks=chunks,
+            shards=shards,
+            compressors=_compressors(cfg, 4),
+            fill_value=fill,
+            overwrite=True,
+        )
         a[: stream.n_tokens] = data
     E = stream.n_examples
-    a = g.create_array("offsets", shape=(E + 1,), dtype="int64", chunks=(max(E + 1, 1),),
-                       compressors=_compressors(cfg, 8), fill_value=0, overwrite=True)
+    a = g.create_array(
+        "offsets",
+        shape=(E + 1,),
+        dtype="int64",
+        chunks=(max(E + 1, 1),),
+        compressors=_compressors(cfg, 8),
+        fill_value=0,
+        overwrite=True,
+    )
     a[:] = stream.offsets
-    a = g.create_array("split", shape=(E,), dtype="uint8", chunks=(max(E, 1),),
-                       compressors=_compressors(cfg, 1), fill_value=0, overwrite=True)
+    a = g.create_array(
+        "split",
+        shape=(E,),
+        dtype="uint8",
+        chunks=(max(E, 1),),
+        compressors=_compressors(cfg, 1),
+        fill_value=0,
+        overwrite=True,
+    )
     a[:] = stream.split
-    a = g.create_array("example_id", shape=(E,), dtype=str, chunks=(max(E, 1),),
-                       overwrite=True)
+    a = g.create_array("example_id", shape=(E,), dtype=str, chunks=(max(E, 1),), overwrite=True)
     a[:] = np.asarray(stream.example_ids, dtype=object)
 
 
@@ -492,13 +554,26 @@ def _create_teacher(root, name: str, cfg: CacheConfig, n_tokens: int, ids_dtype,
     )
     for arr, shape, dt, chunks, shards, fill in specs:
         tsize = np.dtype(dt).itemsize if arr != "logprobs" else vsize
-        tg.create_array(arr, shape=shape, dtype=dt, chunks=chunks, shards=shards,
-                        compressors=_compressors(cfg, tsize), fill_value=fill)
+        tg.create_array(
+            arr,
+            shape=shape,
+            dtype=dt,
+            chunks=chunks,
+            shards=shards,
+            compressors=_compressors(cfg, tsize),
+            fill_value=fill,
+        )
     n_chunks = math.ceil(n / C)
     from zarr.codecs import Crc32cCodec
 
-    tg.create_array("done", shape=(n_chunks,), dtype="uint8", chunks=(cfg.shard_chunks,),
-                    compressors=[Crc32cCodec()], fill_value=0)
+    tg.create_array(
+        "done",
+        shape=(n_chunks,),
+        dtype="uint8",
+        chunks=(cfg.shard_chunks,),
+        compressors=[Crc32cCodec()],
+        fill_value=0,
+    )
     return tg
 
 
@@ -506,9 +581,13 @@ def _teacher_layout_ok(tg, cfg: CacheConfig, n_tokens: int, ids_dtype) -> bool:
     """Whether a partial teacher group has every array with the expected layout (to resume)."""
     try:
         n = max(n_tokens, 1)
-        want = {"ids": ((n, cfg.k), ids_dtype), "logprobs": ((n, cfg.k), cfg.value_dtype),
-                "lse": ((n, len(cfg.temperatures)), "float32"), "label_logprob": ((n,), "float32"),
-                "done": ((math.ceil(n / cfg.chunk_tokens),), "uint8")}
+        want = {
+            "ids": ((n, cfg.k), ids_dtype),
+            "logprobs": ((n, cfg.k), cfg.value_dtype),
+            "lse": ((n, len(cfg.temperatures)), "float32"),
+            "label_logprob": ((n,), "float32"),
+            "done": ((math.ceil(n / cfg.chunk_tokens),), "uint8"),
+        }
         for name, (shape, dt) in want.items():
             a = tg[name]
             if tuple(a.shape) != shape or np.dtype(a.dtype) != np.dtype(dt):
@@ -670,17 +749,29 @@ def build_cache(
         task = get_task(data.task)
         tok = load_tokenizer(spec)
         examples = {
-            s: load_examples(task, s, source=data.source, data_dir=data.data_dir,
-                             val_fraction=data.val_fraction, split_seed=data.split_seed,
-                             max_examples=data.max_examples)
+            s: load_examples(
+                task,
+                s,
+                source=data.source,
+                data_dir=data.data_dir,
+                val_fraction=data.val_fraction,
+                split_seed=data.split_seed,
+                max_examples=data.max_examples,
+            )
             for s in cfg.splits
         }
         new = {
-            "format": FORMAT_VERSION, "task": task.name, "k": cfg.k,
-            "temperatures": [float(t) for t in cfg.temperatures], "splits": list(cfg.splits),
-            "chunk_tokens": cfg.chunk_tokens, "shard_chunks": cfg.shard_chunks,
+            "format": FORMAT_VERSION,
+            "task": task.name,
+            "k": cfg.k,
+            "temperatures": [float(t) for t in cfg.temperatures],
+            "splits": list(cfg.splits),
+            "chunk_tokens": cfg.chunk_tokens,
+            "shard_chunks": cfg.shard_chunks,
             "tokenizer_fingerprint": tokenizer_fingerprint(tok),
-            "dataset_fingerprints": {s: dataset_fingerprint(task, ex) for s, ex in examples.items()},
+            "dataset_fingerprints": {
+                s: dataset_fingerprint(task, ex) for s, ex in examples.items()
+            },
             "data_config": asdict(data),
         }
         _check_writable(path)
@@ -702,8 +793,9 @@ def build_cache(
                     f"({tmeta.get('model', {}).get('base')}, adapter "
                     f"{tmeta.get('model', {}).get('adapter')}): pass --overwrite to rebuild it"
                 )
-            return BuildResult(path, name, 0, 0, 0, 0, time.time() - t_start, 0.0,
-                               extra={"skipped": True})
+            return BuildResult(
+                path, name, 0, 0, 0, 0, time.time() - t_start, 0.0, extra={"skipped": True}
+            )
 
         # --- the teacher and the token stream
         model = load_model(spec, device)
@@ -712,9 +804,17 @@ def build_cache(
             raise MuscleError(f"K={cfg.k} is larger than the vocabulary of {name} ({vocab})")
         if data.max_length is None:
             data = replace(data, max_length=model_max_length(model))
-        encoded = {s: encode_examples(tok, task, ex, answer_only=data.answer_only,
-                                      max_length=data.max_length, truncation=data.truncation)
-                   for s, ex in examples.items()}
+        encoded = {
+            s: encode_examples(
+                tok,
+                task,
+                ex,
+                answer_only=data.answer_only,
+                max_length=data.max_length,
+                truncation=data.truncation,
+            )
+            for s, ex in examples.items()
+        }
         stream = make_stream(encoded)
         new["data_config"] = asdict(data)
         new["stream_fingerprint"] = stream.fingerprint()
@@ -739,18 +839,27 @@ def build_cache(
             if dist.rank == 0:
                 root = _prepare_root(path, stream, new, meta, cfg)
                 tattrs = {
-                    "name": name, "format": FORMAT_VERSION, "complete": False,
-                    "model": model_info, "vocab_size": vocab, "ids_dtype": str(ids_dt),
-                    "value_dtype": cfg.value_dtype, "value_kind": "logprob_t1",
+                    "name": name,
+                    "format": FORMAT_VERSION,
+                    "complete": False,
+                    "model": model_info,
+                    "vocab_size": vocab,
+                    "ids_dtype": str(ids_dt),
+                    "value_dtype": cfg.value_dtype,
+                    "value_kind": "logprob_t1",
                     "codec": {"blosc": cfg.codec, "clevel": cfg.clevel, "shuffle": cfg.shuffle},
-                    "k": cfg.k, "temperatures": [float(t) for t in cfg.temperatures],
+                    "k": cfg.k,
+                    "temperatures": [float(t) for t in cfg.temperatures],
                     "tokenizer_fingerprint": new["tokenizer_fingerprint"],
                     "stream_fingerprint": new["stream_fingerprint"],
                     "muscle_version": __version__,
                 }
-                resumable = (tmeta is not None and not overwrite and not tmeta.get("complete")
-                             and _teacher_layout_ok(root["teachers"][name], cfg, stream.n_tokens,
-                                                    ids_dt))
+                resumable = (
+                    tmeta is not None
+                    and not overwrite
+                    and not tmeta.get("complete")
+                    and _teacher_layout_ok(root["teachers"][name], cfg, stream.n_tokens, ids_dt)
+                )
                 if resumable:
                     _remove_partials(tdir)
                 else:
@@ -766,25 +875,34 @@ def build_cache(
             n_todo_tokens = sum(_unit_span(u, cfg, stream.n_tokens) for u in todo)
             model_dev = device
             if todo:
-                first = _plan_batches(np.diff(stream.offsets),
-                                      _unit_examples(stream.offsets, *_unit_range(todo[0], cfg,
-                                                                                  stream.n_tokens)),
-                                      cfg.batch_size)[0][:2]
+                first = _plan_batches(
+                    np.diff(stream.offsets),
+                    _unit_examples(stream.offsets, *_unit_range(todo[0], cfg, stream.n_tokens)),
+                    cfg.batch_size,
+                )[0][:2]
                 _check_path_on(model, stream, first, model_dev, tok.pad_token_id, resolved)
             bar = _progress_bar(n_todo_tokens, name, enabled=progress and dist.rank == 0)
             t0 = time.time()
             for u in todo:
                 lo, hi = _unit_range(u, cfg, stream.n_tokens)
-                res = compute_unit(model, stream, lo, hi, cfg, device=model_dev, ids_dtype=ids_dt,
-                                   pad_id=tok.pad_token_id, progress=bar)
+                res = compute_unit(
+                    model,
+                    stream,
+                    lo,
+                    hi,
+                    cfg,
+                    device=model_dev,
+                    ids_dtype=ids_dt,
+                    pad_id=tok.pad_token_id,
+                    progress=bar,
+                )
                 _write_unit(tg, tdir, u, res, cfg)
             secs = time.time() - t0
             if bar is not None:
                 bar.close()
             dist.barrier()
             if dist.rank == 0:
-                _finish_teacher(tg, name, stream, cfg, dist.world_size, device, secs,
-                                n_todo_tokens)
+                _finish_teacher(tg, name, stream, cfg, dist.world_size, device, secs, n_todo_tokens)
         except OSError as e:
             raise MuscleError(
                 f"writing the cache at {path} failed: {e.strerror or e}"
@@ -792,8 +910,17 @@ def build_cache(
                 "fix that and re-run the same command"
             ) from None
         total = time.time() - t_start
-        return BuildResult(path, name, stream.n_tokens, stream.n_examples, len(todo),
-                           len(mine), total, n_todo_tokens / max(secs, 1e-9), resumed)
+        return BuildResult(
+            path,
+            name,
+            stream.n_tokens,
+            stream.n_examples,
+            len(todo),
+            len(mine),
+            total,
+            n_todo_tokens / max(secs, 1e-9),
+            resumed,
+        )
     finally:
         dist.close()
 
@@ -833,8 +960,14 @@ def _progress_bar(total: int, name: str, enabled: bool):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="tok", unit_scale=True, desc=f"cache {name}",
-                file=sys.stderr, smoothing=0.1)
+    return tqdm(
+        total=total,
+        unit="tok",
+        unit_scale=True,
+        desc=f"cache {name}",
+        file=sys.stderr,
+        smoothing=0.1,
+    )
 
 
 def _existing_meta(path: Path, overwrite: bool) -> dict | None:
@@ -864,8 +997,9 @@ def _mismatch(path: Path, name: str, meta: dict, new: dict) -> bool:
     if meta.get("_foreign"):
         return True
     try:
-        check_compatible(path, name, meta, {k: v for k, v in new.items()
-                                            if k != "stream_fingerprint"})
+        check_compatible(
+            path, name, meta, {k: v for k, v in new.items() if k != "stream_fingerprint"}
+        )
         return False
     except MuscleError:
         return True
@@ -878,8 +1012,7 @@ def _existing_teacher(path: Path, name: str) -> dict | None:
     return dict(_open_group(tdir).attrs).get("muscle_teacher") or {"complete": False}
 
 
-def _prepare_root(path: Path, stream: StreamData, new: dict, meta: dict | None,
-                  cfg: CacheConfig):
+def _prepare_root(path: Path, stream: StreamData, new: dict, meta: dict | None, cfg: CacheConfig):
     """Open the cache for writing; (re)write the token stream unless it is already complete."""
     import zarr
 
@@ -888,8 +1021,12 @@ def _prepare_root(path: Path, stream: StreamData, new: dict, meta: dict | None,
     if path.exists() and any(path.iterdir()):
         shutil.rmtree(path)  # an interrupted first build: nothing in it was committed
     root = zarr.open_group(str(path), mode="w")
-    attrs = dict(new) | {"stream_complete": False, "n_tokens": stream.n_tokens,
-                         "n_examples": stream.n_examples, "muscle_version": __version__}
+    attrs = dict(new) | {
+        "stream_complete": False,
+        "n_tokens": stream.n_tokens,
+        "n_examples": stream.n_examples,
+        "muscle_version": __version__,
+    }
     root.attrs["muscle_cache"] = attrs
     with zarr.config.set({"array.write_empty_chunks": True}):
         _write_stream(root, stream, cfg)
@@ -897,8 +1034,9 @@ def _prepare_root(path: Path, stream: StreamData, new: dict, meta: dict | None,
         for f in (path / "stream" / name / "c").glob("*"):
             _fsync(f)
     attrs["stream_complete"] = True  # the commit of the stream: written last
-    attrs["n_splits"] = {s: int((stream.split == i).sum()) for i, s in enumerate(_SPLIT_CODES)
-                         if s in new["splits"]}
+    attrs["n_splits"] = {
+        s: int((stream.split == i).sum()) for i, s in enumerate(_SPLIT_CODES) if s in new["splits"]
+    }
     root.attrs["muscle_cache"] = attrs
     return root
 
@@ -911,9 +1049,12 @@ def _finish_teacher(tg, name, stream, cfg, world_size, device, secs, tokens) -> 
     attrs = dict(tg.attrs["muscle_teacher"])
     attrs["complete"] = True
     attrs["build"] = {
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "world_size": world_size,
-        "device": str(device), "seconds_last_run": round(secs, 3),
-        "tokens_last_run": int(tokens), "torch": torch.__version__,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "world_size": world_size,
+        "device": str(device),
+        "seconds_last_run": round(secs, 3),
+        "tokens_last_run": int(tokens),
+        "torch": torch.__version__,
     }
     tg.attrs["muscle_teacher"] = attrs
 
@@ -932,10 +1073,16 @@ def inspect_cache(path: str | Path) -> dict:
     root = _open_group(path)
     n_tok = int(meta.get("n_tokens", 0))
     info = {
-        "path": str(path), "format": meta["format"], "task": meta["task"],
-        "tokens": n_tok, "examples": int(meta.get("n_examples", 0)),
-        "splits": meta.get("n_splits", {}), "k": meta["k"], "temperatures": meta["temperatures"],
-        "chunk_tokens": meta["chunk_tokens"], "shard_tokens": meta["chunk_tokens"] * meta["shard_chunks"],
+        "path": str(path),
+        "format": meta["format"],
+        "task": meta["task"],
+        "tokens": n_tok,
+        "examples": int(meta.get("n_examples", 0)),
+        "splits": meta.get("n_splits", {}),
+        "k": meta["k"],
+        "temperatures": meta["temperatures"],
+        "chunk_tokens": meta["chunk_tokens"],
+        "shard_tokens": meta["chunk_tokens"] * meta["shard_chunks"],
         "tokenizer_fingerprint": meta["tokenizer_fingerprint"],
         "dataset_fingerprints": meta["dataset_fingerprints"],
         "stream_fingerprint": meta.get("stream_fingerprint"),
@@ -949,16 +1096,24 @@ def inspect_cache(path: str | Path) -> dict:
         tm = dict(tg.attrs).get("muscle_teacher") or {}
         done = tg["done"][:] if "done" in tg else np.zeros(0)
         on_disk = _dir_bytes(path / "teachers" / name)
-        raw = sum(int(np.prod(tg[a].shape)) * np.dtype(tg[a].dtype).itemsize
-                  for a in TEACHER_ARRAYS if a in tg)
+        raw = sum(
+            int(np.prod(tg[a].shape)) * np.dtype(tg[a].dtype).itemsize
+            for a in TEACHER_ARRAYS
+            if a in tg
+        )
         raw = raw * n_tok // max(tg["ids"].shape[0], 1) if "ids" in tg else raw
         info["teachers"][name] = {
             "complete": bool(tm.get("complete")) and bool(done.size) and bool(done.all()),
-            "chunks_done": int(done.sum()), "chunks": int(done.size),
-            "model": tm.get("model", {}), "vocab_size": tm.get("vocab_size"),
-            "ids_dtype": tm.get("ids_dtype"), "value_dtype": tm.get("value_dtype"),
-            "codec": tm.get("codec"), "build": tm.get("build", {}),
-            "bytes_on_disk": on_disk, "bytes_per_token": on_disk / max(n_tok, 1),
+            "chunks_done": int(done.sum()),
+            "chunks": int(done.size),
+            "model": tm.get("model", {}),
+            "vocab_size": tm.get("vocab_size"),
+            "ids_dtype": tm.get("ids_dtype"),
+            "value_dtype": tm.get("value_dtype"),
+            "codec": tm.get("codec"),
+            "build": tm.get("build", {}),
+            "bytes_on_disk": on_disk,
+            "bytes_per_token": on_disk / max(n_tok, 1),
             "compression_ratio": raw / max(on_disk, 1),
             "top_k_mass": top_k_mass(path, name),
         }
@@ -1024,7 +1179,9 @@ def render_inspect(info: dict) -> str:
         lines.append("teachers    none")
     for name, t in info["teachers"].items():
         m = t["model"]
-        state = "complete" if t["complete"] else f"INCOMPLETE ({t['chunks_done']}/{t['chunks']} chunks)"
+        state = (
+            "complete" if t["complete"] else f"INCOMPLETE ({t['chunks_done']}/{t['chunks']} chunks)"
+        )
         lines += [
             f"teacher {name}: {state}",
             f"  base      {m.get('base')}  (fingerprint {m.get('base_fingerprint')}, "
@@ -1036,8 +1193,10 @@ def render_inspect(info: dict) -> str:
             f"compression {t['compression_ratio']:.2f}x",
         ]
         if t["build"]:
-            lines.append(f"  built     {t['build'].get('finished')} on {t['build'].get('device')} "
-                         f"x{t['build'].get('world_size')}")
+            lines.append(
+                f"  built     {t['build'].get('finished')} on {t['build'].get('device')} "
+                f"x{t['build'].get('world_size')}"
+            )
         lines += _render_top_k_mass(t.get("top_k_mass") or {}, info["k"])
     return "\n".join(lines) + "\n"
 
@@ -1078,8 +1237,9 @@ def _shard_file(path: Path, rel: str, ndim: int, shard: int) -> str:
     return str(_chunk_files(path / rel, ndim, shard).relative_to(path))
 
 
-def _read_checked(arr, lo: int, hi: int, where: str, cfg_chunk: int, path: Path, rel: str,
-                  shard_tokens: int):
+def _read_checked(
+    arr, lo: int, hi: int, where: str, cfg_chunk: int, path: Path, rel: str, shard_tokens: int
+):
     """arr[lo:hi]; a decode failure becomes a MuscleError naming the chunk and shard file."""
     try:
         return arr[lo:hi]
@@ -1094,11 +1254,19 @@ def _read_checked(arr, lo: int, hi: int, where: str, cfg_chunk: int, path: Path,
                     f"{(c + 1) * cfg_chunk - 1}, file {_shard_file(path, rel, arr.ndim, shard)}): "
                     f"{type(e).__name__}; rebuild that teacher (muscle-cache build --overwrite)"
                 ) from None
-        raise MuscleError(f"cannot read {where} tokens {lo}-{hi}: {type(e).__name__}: {e}") from None
+        raise MuscleError(
+            f"cannot read {where} tokens {lo}-{hi}: {type(e).__name__}: {e}"
+        ) from None
 
 
-def verify_cache(path: str | Path, *, rerun: Sequence[str] = (), sample: int = 64, seed: int = 0,
-                 device: str | None = None) -> VerifyReport:
+def verify_cache(
+    path: str | Path,
+    *,
+    rerun: Sequence[str] = (),
+    sample: int = 64,
+    seed: int = 0,
+    device: str | None = None,
+) -> VerifyReport:
     """Check every chunk decodes and is consistent; re-run teachers on sampled positions."""
     path = Path(path)
     meta = read_meta(path)
@@ -1154,8 +1322,10 @@ def _verify_teacher(path, root, name, stream, meta, C, S, rep: VerifyReport) -> 
         if not done[lo // C : math.ceil(hi / C)].all():
             continue
         try:
-            got = {a: _read_checked(tg[a], lo, hi, f"{where}/{a}", C, path, f"{where}/{a}", S)
-                   for a in TEACHER_ARRAYS}
+            got = {
+                a: _read_checked(tg[a], lo, hi, f"{where}/{a}", C, path, f"{where}/{a}", S)
+                for a in TEACHER_ARRAYS
+            }
         except MuscleError as e:
             rep.errors.append(str(e))
             continue
@@ -1193,8 +1363,10 @@ def _rerun_teacher(path, root, name, stream, meta, sample, seed, device, rep) ->
     n = stream.n_tokens
     pos = np.sort(rng.choice(n, size=min(sample, n), replace=False))
     ex = np.unique(np.searchsorted(stream.offsets, pos, side="right") - 1)
-    stored = {a: tg[a].get_orthogonal_selection((pos,) + ((slice(None),) if tg[a].ndim == 2
-                                                          else ())) for a in TEACHER_ARRAYS}
+    stored = {
+        a: tg[a].get_orthogonal_selection((pos,) + ((slice(None),) if tg[a].ndim == 2 else ()))
+        for a in TEACHER_ARRAYS
+    }
     # Forward each sampled example alone (no padding) and collect logits at the sampled rows.
     rows, lab_rows = [], []
     for e in ex:
@@ -1217,7 +1389,7 @@ def _rerun_teacher(path, root, name, stream, meta, sample, seed, device, rep) ->
     fp16 = np.dtype(tg["logprobs"].dtype) == np.float16
     store_tol = lp_stored.abs() * 2.0**-10 if fp16 else torch.zeros_like(lp_stored)
     err = (lp_stored - lp_fresh_at_stored).abs() - store_tol
-    kth_fresh = (fresh.values[:, -1] - lse1)  # (P,) K-th largest log p, recomputed
+    kth_fresh = fresh.values[:, -1] - lse1  # (P,) K-th largest log p, recomputed
     set_err = (kth_fresh - lp_fresh_at_stored.min(1).values).clamp(min=0)  # stored set is a top-K
     lse_stored = torch.from_numpy(stored["lse"])
     lse_err = torch.stack([(lse_stored[:, i] - fresh.lse[t]).abs() for i, t in enumerate(temps)])
@@ -1236,8 +1408,10 @@ def _rerun_teacher(path, root, name, stream, meta, sample, seed, device, rep) ->
     }
     for key in ("max_logprob_err", "max_topk_set_err", "max_lse_err", "max_label_err"):
         if not stats[key] <= fwd_tol:
-            rep.errors.append(f"teachers/{name}: re-run differs from the store: {key}="
-                              f"{stats[key]:.3g} > {fwd_tol}")
+            rep.errors.append(
+                f"teachers/{name}: re-run differs from the store: {key}="
+                f"{stats[key]:.3g} > {fwd_tol}"
+            )
     return stats
 
 
@@ -1307,7 +1481,9 @@ class CacheReader:
 
     def split_indices(self, split: str) -> np.ndarray:
         if split not in self.meta["splits"]:
-            raise MuscleError(f"split {split!r} is not in cache {self.path} ({self.meta['splits']})")
+            raise MuscleError(
+                f"split {split!r} is not in cache {self.path} ({self.meta['splits']})"
+            )
         return np.flatnonzero(self.stream.split == _SPLIT_CODES.index(split))
 
     def num_examples(self, split: str) -> int:
@@ -1321,8 +1497,17 @@ class CacheReader:
 
     # -- batches ---------------------------------------------------------------------------
 
-    def batch_plan(self, split: str, batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                   epoch: int = 0, rank: int = 0, world_size: int = 1) -> list[np.ndarray]:
+    def batch_plan(
+        self,
+        split: str,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        epoch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> list[np.ndarray]:
         """This rank's example indices for each global batch (batch_size * world_size)."""
         idx = self.split_indices(split)
         if shuffle:
@@ -1334,10 +1519,21 @@ class CacheReader:
             plan.append(parts[rank] if rank < len(parts) else parts[-1][:0])
         return plan
 
-    def iter_batches(self, split: str, batch_size: int, *, temperature: float,
-                     teachers: Sequence[str] = ("v1", "v2"), shuffle: bool = True, seed: int = 0,
-                     epoch: int = 0, skip: int = 0, rank: int = 0, world_size: int = 1,
-                     num_workers: int = 0) -> Iterator[dict[str, Any]]:
+    def iter_batches(
+        self,
+        split: str,
+        batch_size: int,
+        *,
+        temperature: float,
+        teachers: Sequence[str] = ("v1", "v2"),
+        shuffle: bool = True,
+        seed: int = 0,
+        epoch: int = 0,
+        skip: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+    ) -> Iterator[dict[str, Any]]:
         """Batches of examples, shuffled by example (order depends only on seed and epoch).
 
         Global batch i holds ``batch_size * world_size`` examples; rank r gets its contiguous
@@ -1348,15 +1544,23 @@ class CacheReader:
         self._check_temperature(temperature)
         for t in teachers:
             self.check_teacher(t)
-        plan = self.batch_plan(split, batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
-                               rank=rank, world_size=world_size)[skip:]
+        plan = self.batch_plan(
+            split,
+            batch_size,
+            shuffle=shuffle,
+            seed=seed,
+            epoch=epoch,
+            rank=rank,
+            world_size=world_size,
+        )[skip:]
         if num_workers <= 0:
             for group in plan:
                 yield self.read_batch(group, temperature=temperature, teachers=teachers)
             return
         ds = _BatchDataset(self, plan, float(temperature), tuple(teachers))
-        loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False,
-                                             num_workers=num_workers, collate_fn=_identity)
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=None, shuffle=False, num_workers=num_workers, collate_fn=_identity
+        )
         yield from loader
 
     def _check_temperature(self, temperature: float) -> None:
@@ -1366,8 +1570,9 @@ class CacheReader:
                 f"{self.temperatures}): rebuild the cache with --temperatures"
             )
 
-    def read_batch(self, examples: np.ndarray, *, temperature: float,
-                   teachers: Sequence[str] = ("v1", "v2")) -> dict[str, Any]:
+    def read_batch(
+        self, examples: np.ndarray, *, temperature: float, teachers: Sequence[str] = ("v1", "v2")
+    ) -> dict[str, Any]:
         """One padded batch of the given example indices (in that order)."""
         examples = np.asarray(examples, dtype=np.int64)
         empty = len(examples) == 0
@@ -1426,8 +1631,9 @@ class CacheReader:
                 got[a] = arr.get_orthogonal_selection(sel)
             except Exception as e:
                 self._name_bad_chunk(name, a, chunks)
-                raise MuscleError(f"teacher {name!r}: cannot read {a}: {type(e).__name__}: {e}"
-                                  ) from None
+                raise MuscleError(
+                    f"teacher {name!r}: cannot read {a}: {type(e).__name__}: {e}"
+                ) from None
         lse = got["lse"]  # (P, nT) float32
         lse1 = lse[:, self.temperatures.index(1.0), None]  # (P, 1)
         lp = got["logprobs"].astype(np.float32)  # (P, K) log p at T=1
@@ -1444,23 +1650,42 @@ class CacheReader:
         rel = f"teachers/{name}/{array}"
         for c in chunks:
             lo = int(c) * self.chunk_tokens
-            _read_checked(arr, lo, min(lo + self.chunk_tokens, arr.shape[0]), rel,
-                          self.chunk_tokens, self.path, rel, self.shard_tokens)
+            _read_checked(
+                arr,
+                lo,
+                min(lo + self.chunk_tokens, arr.shape[0]),
+                rel,
+                self.chunk_tokens,
+                self.path,
+                rel,
+                self.shard_tokens,
+            )
 
 
 class _BatchDataset(torch.utils.data.Dataset):
     """Batch i of a fixed plan; each DataLoader worker reads with its own zarr handles."""
 
-    def __init__(self, reader: CacheReader, plan: list[np.ndarray], temperature: float,
-                 teachers: tuple[str, ...]):
-        self.reader, self.plan, self.temperature, self.teachers = reader, plan, temperature, teachers
+    def __init__(
+        self,
+        reader: CacheReader,
+        plan: list[np.ndarray],
+        temperature: float,
+        teachers: tuple[str, ...],
+    ):
+        self.reader, self.plan, self.temperature, self.teachers = (
+            reader,
+            plan,
+            temperature,
+            teachers,
+        )
 
     def __len__(self) -> int:
         return len(self.plan)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.reader.read_batch(self.plan[i], temperature=self.temperature,
-                                      teachers=self.teachers)
+        return self.reader.read_batch(
+            self.plan[i], temperature=self.temperature, teachers=self.teachers
+        )
 
 
 def _identity(x):
