@@ -30,6 +30,7 @@ $(STAMP): pyproject.toml Makefile
 
 lint: env
 	$(VENV)/bin/ruff check muscle kernels bin benchmarks tests
+	$(VENV)/bin/ruff format --check --extend-exclude "*.md" muscle kernels bin benchmarks tests
 
 test: env lint
 	$(VENV)/bin/pytest -q tests
