@@ -10,6 +10,15 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 
 
+def _ints_to_floats(obj) -> None:
+    """Store an int given for a float field as a float: LoraSpec(alpha=16) and the CLI's
+    alpha=16.0 must be the same config, also in run fingerprints (JSON writes 16 vs 16.0)."""
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if f.type in ("float", "float | None") and type(v) is int:
+            object.__setattr__(obj, f.name, float(v))
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A base model plus, optionally, one LoRA adapter on top of it.
@@ -33,6 +42,9 @@ class LoraSpec:
     dropout: float = 0.0
     target_modules: str = "all-linear"
 
+    def __post_init__(self) -> None:
+        _ints_to_floats(self)
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -45,6 +57,9 @@ class DataConfig:
     max_length: int | None = None  # tokens; None = the model's context length
     truncation: str = "left"  # "left": drop context tokens from the start | "refuse"
     answer_only: bool = False  # paper: learn on context AND answer tokens (False)
+
+    def __post_init__(self) -> None:
+        _ints_to_floats(self)
 
 
 @dataclass(frozen=True)
@@ -67,6 +82,9 @@ class TrainConfig:
     # muscle.train.train_identity), so a run may resume with it switched.
     gradient_checkpointing: bool = False
 
+    def __post_init__(self) -> None:
+        _ints_to_floats(self)
+
 
 @dataclass(frozen=True)
 class CompatConfig:
@@ -77,6 +95,9 @@ class CompatConfig:
     ce_weight: float = 0.0  # returns (1 - w) L_comp + w CE; paper's lambda = 1 - w
     t2_scale: bool = False
     impl: str = "auto"
+
+    def __post_init__(self) -> None:
+        _ints_to_floats(self)
 
 
 def to_dict(obj) -> dict:

@@ -254,3 +254,18 @@ def test_logits_at_labelled_positions_only(base_dir):
     assert all(g.abs().sum() > 0 for g in got["keep"])
     for a, b in zip(got["keep"], got["fallback"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_an_int_for_a_float_option_is_the_same_config():
+    # The library user's LoraSpec(alpha=16) and the CLI's alpha=16.0 must not be two runs
+    # (a resume from the CLI of a library-started run was refused before).
+    from muscle.config import CompatConfig, fingerprint
+
+    assert fingerprint(LoraSpec(r=4, alpha=16)) == fingerprint(LoraSpec(r=4, alpha=16.0))
+    assert fingerprint(cfg(lr=1)) == fingerprint(cfg(lr=1.0))
+    assert fingerprint(CompatConfig(temperature=2)) == fingerprint(CompatConfig())
+    assert (
+        type(LoraSpec(alpha=16).alpha) is float
+        and TrainConfig(max_grad_norm=None).max_grad_norm is None
+    )
+    assert LoraSpec(r=4).r == 4 and type(LoraSpec(r=4).r) is int  # int fields stay ints
