@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -54,11 +55,18 @@ def _call(fn: Callable[..., Any], args: tuple, kwargs: dict) -> int:
     return rv if isinstance(rv, int) else 0
 
 
+# Third-party deprecation notices that a muscle user can do nothing about (PEFT 0.21 calls
+# transformers 5.x's renamed is_gradient_checkpointing on every adapter load).
+_QUIET_WARNINGS = (r"`is_gradient_checkpointing` is deprecated",)
+
+
 def run_cli(fn: Callable[..., Any]) -> Callable[..., int]:
     """Wrap a CLI entry point (a click command/group or a plain function) with error handling."""
 
     @functools.wraps(fn)
     def entry(*args: Any, **kwargs: Any) -> int:
+        for pattern in _QUIET_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern, category=FutureWarning)
         if os.environ.get("MUSCLE_DEBUG"):
             return _call(fn, args, kwargs)
         try:
