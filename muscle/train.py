@@ -325,11 +325,18 @@ def load_checkpoint(run: RunDir, model, optimizer, scheduler) -> dict | None:
 
 
 def truncate_log(run: RunDir, n_lines: int) -> None:
-    """Drop log rows written after the checkpoint we resume from."""
-    if not run.log_file.is_file():
+    """Drop log rows written after the checkpoint we resume from.
+
+    Main rank only (the only one that writes the log), and atomically: with every rank
+    rewriting it, one rank could read the file while another had just emptied it, and write
+    back an empty log (seen in the 2-rank DeepSpeed resume test).
+    """
+    if not distributed.dist_info().is_main or not run.log_file.is_file():
         return
     lines = run.log_file.read_text().splitlines(keepends=True)[:n_lines]
-    run.log_file.write_text("".join(lines))
+    tmp = run.log_file.with_suffix(".tmp")
+    tmp.write_text("".join(lines))
+    os.replace(tmp, run.log_file)
 
 
 def append_log(run: RunDir, row: dict) -> None:

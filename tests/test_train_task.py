@@ -269,3 +269,21 @@ def test_an_int_for_a_float_option_is_the_same_config():
         and TrainConfig(max_grad_norm=None).max_grad_norm is None
     )
     assert LoraSpec(r=4).r == 4 and type(LoraSpec(r=4).r) is int  # int fields stay ints
+
+
+def test_only_the_main_rank_truncates_the_log_on_resume(tmp_path, monkeypatch):
+    # Every rank used to rewrite the log on resume; a rank reading it while another had just
+    # emptied it wrote back an empty log (a flaky 2-rank DeepSpeed resume).
+    from muscle.train import append_log, truncate_log
+
+    run = RunDir(tmp_path)
+    for step in range(1, 8):
+        append_log(run, {"kind": "train", "step": step})
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    truncate_log(run, 6)
+    assert [r["step"] for r in read_log(run)] == list(range(1, 8))  # untouched on rank 1
+    monkeypatch.setenv("RANK", "0")
+    truncate_log(run, 6)
+    assert [r["step"] for r in read_log(run)] == list(range(1, 7))
+    assert not list(tmp_path.glob("*.tmp"))
