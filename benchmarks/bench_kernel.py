@@ -61,6 +61,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from unittest import mock
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FIELDS = [
@@ -88,8 +89,6 @@ _TUNE_ENV = (
     "MUSCLE_KL_PREFETCH",
     "MUSCLE_KL_REVERSE",
 )
-# rows written before the "timing" column existed were all measured "cold"
-_LEGACY_TIMING = "cold"
 _PRELUDE_CYCLES = 20_000_000  # GPU spin before the start event: ~10 ms at ~2 GHz
 
 # Vendor peak memory bandwidth, GB/s, matched in order against torch.cuda.get_device_name().
@@ -343,7 +342,6 @@ def main(argv=None) -> int:
     peak_bw = peak_bandwidth(dev_name) if device == "cuda" else None
     out = Path(args.out) if args.out else RESULTS / f"kernel_{slug(dev_name)}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
-    _upgrade_csv(out)
     new_file = not out.exists()
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     rows = []
@@ -360,7 +358,7 @@ def main(argv=None) -> int:
                     continue
                 for p, fn, env in _variants(fns, configs):
                     try:
-                        with _env(env):
+                        with mock.patch.dict(os.environ, env):
                             ms, mem = bench_one(p, fn, N, V, args.K, dtype, device, args, torch)
                     except Exception as e:
                         ms = "oom" if is_oom(e, torch) else "error"
@@ -420,43 +418,6 @@ def _variants(fns, configs):
     if not configs:
         return [(p, fn, {}) for p, fn in fns.items()]
     return [(f"triton[{c}]", fns["triton"], env) for c, env in configs.items() if "triton" in fns]
-
-
-class _env:
-    """Set environment variables for the duration of a block."""
-
-    def __init__(self, env: dict[str, str]):
-        self.env, self.saved = env, {}
-
-    def __enter__(self):
-        self.saved = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)
-
-    def __exit__(self, *exc):
-        for k, v in self.saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _upgrade_csv(path: Path) -> None:
-    """Add the "timing" column to a results file written before it existed (atomically)."""
-    if not path.exists():
-        return
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or "timing" in reader.fieldnames:
-            return
-        old_rows = list(reader)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        for r in old_rows:
-            cpu = r.get("device", "").startswith("cpu")
-            w.writerow({**r, "timing": "wall" if cpu else _LEGACY_TIMING})
-    os.replace(tmp, path)
 
 
 def plot(rows, path, dev_name, dtype):

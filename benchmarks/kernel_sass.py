@@ -61,6 +61,7 @@ def parse_args(argv=None):
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = H100)")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--K", type=int, default=64, help="teacher top-K (sets BLOCK_K)")
+    ap.add_argument("--V", type=int, default=128256, help="vocabulary (sets BLOCK_C)")
     ap.add_argument("--mask", default="v2c_wrong", choices=["v2c_wrong", "tensor"])
     ap.add_argument("--stats", action="store_true", help="CE statistic on (the trainer's call)")
     ap.add_argument("--prefetch", action="store_true", help="the sweep-1 prefetch variant")
@@ -87,18 +88,23 @@ def compile_config(kernel, block_v, num_warps, args):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from muscle.kernels.masked_kl import _pick_blocks
+
+    # the teacher and exact-tail blocks as the launcher picks them for this K and vocabulary
+    _, block_k, block_c, _ = _pick_blocks(args.V, args.K)
     constexprs = {
         "MASK_ARGMAX": args.mask == "v2c_wrong",
         "COMPUTE_CE": args.stats,
         "CE_POW": 2,  # T = 2, the default
         "CE_GRAD": False,
         "COMPUTE_GRAD": True,
-        "EVICT_HINTS": True,
+        "EVICT_SWEEP1": "evict_last",  # the launcher's default (MUSCLE_KL_EVICT unset)
+        "EVICT_SWEEP2": "evict_first",
         "PREFETCH": args.prefetch,
         "REVERSE_SWEEP2": args.reverse,
         "BLOCK_V": block_v,
-        "BLOCK_K": max(2, 1 << (args.K - 1).bit_length()),
-        "BLOCK_C": max(16, min(block_v, 8192 // max(2, 1 << (args.K - 1).bit_length()))),
+        "BLOCK_K": block_k,
+        "BLOCK_C": block_c,
     }
     sig, consts = {}, {}
     for i, name in enumerate(kernel.arg_names):

@@ -55,27 +55,18 @@ def _interpreting() -> bool:
 
 
 @triton.jit
-def _load_sweep1(z_row, cols, V, EVICT_HINTS: tl.constexpr):
-    """One block of the row in its own dtype; -inf past V (neutral for max and sum-exp)."""
-    if EVICT_HINTS:
-        # sweep 2 reads this row again soon: ask L2 to keep it
-        return tl.load(
-            z_row + cols, mask=cols < V, other=float("-inf"), eviction_policy="evict_last"
-        )
-    return tl.load(z_row + cols, mask=cols < V, other=float("-inf"))
+def _load_block(z_row, cols, V, EVICT: tl.constexpr):
+    """One block of the row in its own dtype; -inf past V (neutral for max and sum-exp).
+    EVICT: the L2 eviction policy ("" = none; "evict_last" / "evict_first")."""
+    return tl.load(z_row + cols, mask=cols < V, other=float("-inf"), eviction_policy=EVICT)
 
 
 @triton.jit
 def _grad_block(z_row, g_row, cols, V, y, m, inv_T, base, a_kl, ce_wn, log_s_1,
-                CE_GRAD: tl.constexpr, EVICT_HINTS: tl.constexpr):  # fmt: skip
+                CE_GRAD: tl.constexpr, EVICT: tl.constexpr):  # fmt: skip
     """Sweep 2 on one block: g_j = a_kl exp((z_j - m) / T + base) (+ the CE gradient)."""
     vmask = cols < V
-    if EVICT_HINTS:
-        # last use of this row: let it leave L2 first
-        x = tl.load(z_row + cols, mask=vmask, other=float("-inf"), eviction_policy="evict_first")
-    else:
-        x = tl.load(z_row + cols, mask=vmask, other=float("-inf"))
-    x = x.to(tl.float32)
+    x = _load_block(z_row, cols, V, EVICT).to(tl.float32)
     # entries of S may exceed 1 here (overwritten by the fix-up): cap before exp, never inf
     g = a_kl * tl.exp(tl.minimum((x - m) * inv_T + base, 64.0))
     if CE_GRAD:
@@ -114,7 +105,10 @@ def _masked_kl_fwd_kernel(
     CE_POW: tl.constexpr,  # exp(z - m) from sweep 1's exp((z - m) / T): 1 (T == 1), 2 (T == 2), 0
     CE_GRAD: tl.constexpr,  # the CE term enters the gradient (ce_weight > 0)
     COMPUTE_GRAD: tl.constexpr,
-    EVICT_HINTS: tl.constexpr,  # keep the row in L2 between the two sweeps
+    # L2 eviction policies: sweep 1 "evict_last" (sweep 2 reads the row again soon), sweep 2
+    # "evict_first" (last use), or "" for none
+    EVICT_SWEEP1: tl.constexpr,
+    EVICT_SWEEP2: tl.constexpr,
     PREFETCH: tl.constexpr,  # sweep 1 loads block b + 1 before reducing block b
     REVERSE_SWEEP2: tl.constexpr,  # sweep 2 runs from the last block to the first
     BLOCK_V: tl.constexpr,
@@ -145,16 +139,16 @@ def _masked_kl_fwd_kernel(
     s_1 = 0.0  # sum exp(z - m)
     amax = 0
     if PREFETCH:
-        x_next = _load_sweep1(z_row, offs, V, EVICT_HINTS)
+        x_next = _load_block(z_row, offs, V, EVICT_SWEEP1)
     for start in range(0, V, BLOCK_V):
         cols = start + offs
         if PREFETCH:
             # Issue the next block's load before this block's arithmetic, so that one CTA's
             # loads and math overlap (the block reductions below keep its warps in lock-step).
             x = x_next.to(tl.float32)
-            x_next = _load_sweep1(z_row, cols + BLOCK_V, V, EVICT_HINTS)
+            x_next = _load_block(z_row, cols + BLOCK_V, V, EVICT_SWEEP1)
         else:
-            x = _load_sweep1(z_row, cols, V, EVICT_HINTS).to(tl.float32)
+            x = _load_block(z_row, cols, V, EVICT_SWEEP1).to(tl.float32)
         bmax = tl.max(x, 0)
         if MASK_ARGMAX:
             barg = tl.argmax(x, 0, tie_break_left=True)
@@ -282,13 +276,13 @@ def _masked_kl_fwd_kernel(
             n_blocks = tl.cdiv(V, BLOCK_V)
             for b in range(0, n_blocks):
                 _grad_block(z_row, g_row, (n_blocks - 1 - b) * BLOCK_V + offs, V, y, m, inv_T,
-                            base, a_kl, ce_wn, log_s_1, CE_GRAD, EVICT_HINTS)  # fmt: skip
+                            base, a_kl, ce_wn, log_s_1, CE_GRAD, EVICT_SWEEP2)  # fmt: skip
         else:
             # (a separate loop: indexing blocks by b instead of start cost 67 registers and
             # spills on sm_90, benchmarks/kernel_sass.py)
             for start in range(0, V, BLOCK_V):
                 _grad_block(z_row, g_row, start + offs, V, y, m, inv_T, base, a_kl, ce_wn,
-                            log_s_1, CE_GRAD, EVICT_HINTS)  # fmt: skip
+                            log_s_1, CE_GRAD, EVICT_SWEEP2)  # fmt: skip
         # The fix-up below rewrites entries that other threads of this program just wrote:
         # order the two writes (and, in place, our reads of z above) with a CTA barrier.
         tl.debug_barrier()
@@ -322,11 +316,8 @@ def _scale_rows_kernel(
 
 def scale_grad_inplace(grad: torch.Tensor, scale: torch.Tensor) -> None:
     """grad (N, V) *= scale (one element), in float32, without a host sync."""
-    N, V = grad.shape
+    N, V = grad.shape  # unit stride along V: the forward's own gradient buffer
     if N == 0:
-        return
-    if grad.stride(-1) != 1:  # never for the kernel's own buffers; kept for direct callers
-        grad.mul_(scale.to(grad.dtype))
         return
     s = scale.detach().reshape(()).to(device=grad.device, dtype=torch.float32)
     block_v, _, _, num_warps = _pick_blocks(V, 1)
@@ -476,6 +467,7 @@ def masked_kl_forward(
     m_rows = torch.empty(N, dtype=torch.int8, device=dev)
 
     block_v, block_k, block_c, num_warps = _pick_blocks(V, max(ids1.shape[1], ids2.shape[1]))
+    evict = _env_flag("MUSCLE_KL_EVICT", True)
     if N > 0:
         _masked_kl_fwd_kernel[(N,)](
             z,
@@ -507,7 +499,8 @@ def masked_kl_forward(
             CE_POW=_ce_pow(temperature),
             CE_GRAD=compute_grad and ce_weight > 0,
             COMPUTE_GRAD=compute_grad,
-            EVICT_HINTS=_env_flag("MUSCLE_KL_EVICT", True),
+            EVICT_SWEEP1="evict_last" if evict else "",
+            EVICT_SWEEP2="evict_first" if evict else "",
             PREFETCH=_env_flag("MUSCLE_KL_PREFETCH", False),
             REVERSE_SWEEP2=_env_flag("MUSCLE_KL_REVERSE", False),
             BLOCK_V=block_v,
