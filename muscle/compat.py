@@ -319,13 +319,12 @@ class LiveTeachers:
         self.v1, self.student, self.k, self.T = v1_model, student, k, temperature
 
     @torch.no_grad()
-    def _topk(self, model, batch: Batch, prefix: str, out: Batch) -> None:
-        """Top-K of ``model`` at the labelled positions, written into (B, T, ...) tensors."""
+    def _topk(self, model, batch: Batch, keep, rows, prefix: str, out: Batch) -> None:
+        """Top-K of ``model`` at the labelled positions ``keep`` (B, T) / ``rows`` (n,),
+        written into (B, T, ...) tensors."""
         from muscle.topk import teacher_topk
 
         labels = batch["labels"]  # (B, T)
-        keep = labels != IGNORE_INDEX
-        rows = keep.reshape(-1).nonzero(as_tuple=True)[0]  # (n,)
         z = logits_at(model, batch, keep, rows)  # (n, V)
         tk = teacher_topk(z, labels.reshape(-1)[rows], self.k, temperatures=(self.T, 1.0))
         B, T = labels.shape
@@ -341,12 +340,14 @@ class LiveTeachers:
     @torch.no_grad()
     def __call__(self, batch: Batch) -> Batch:
         out = dict(batch)
-        self._topk(self.v1, batch, "v1", out)
+        keep = batch["labels"] != IGNORE_INDEX  # (B, T)
+        rows = valid_rows(batch)  # (n,), the same positions
+        self._topk(self.v1, batch, keep, rows, "v1", out)
         was_training = self.student.training
         self.student.eval()
         self.student.set_adapter("teacher")
         try:
-            self._topk(self.student, batch, "v2", out)
+            self._topk(self.student, batch, keep, rows, "v2", out)
         finally:
             self.student.set_adapter("default")
             self.student.train(was_training)

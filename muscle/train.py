@@ -159,7 +159,7 @@ def enable_gradient_checkpointing(model) -> None:
     checkpoints a layer only in train mode with grad enabled, so validation and online mode's
     teachers (eval mode, no_grad) run exactly as before.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _unwrapped(model)
     if not getattr(base, "supports_gradient_checkpointing", False):
         raise MuscleError(f"{type(base).__name__} does not support gradient checkpointing")
     kwargs = {"use_reentrant": False}
@@ -429,9 +429,8 @@ class DeepSpeedStepper(Stepper):
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
 
-        info = distributed.init(
-            self.device, always=True
-        )  # DeepSpeed needs a process group, even of one
+        # DeepSpeed needs a process group, even of one
+        info = distributed.init(self.device, always=True)
         config = resolve_deepspeed_config(self.ds_config, self.cfg, info.world_size)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.model,
