@@ -1115,9 +1115,23 @@ def inspect_cache(path: str | Path) -> dict:
             "bytes_on_disk": on_disk,
             "bytes_per_token": on_disk / max(n_tok, 1),
             "compression_ratio": raw / max(on_disk, 1),
-            "top_k_mass": top_k_mass(path, name),
+            "top_k_mass": _top_k_mass(meta, root, name),
         }
     return info
+
+
+def stored_logprobs_at(
+    lp1: np.ndarray, lse: np.ndarray, temperatures: Sequence[float], temperature: float
+) -> np.ndarray:
+    """Stored top-K log-probs at temperature 1 (P, K) -> at ``temperature``, from the stored
+    lse (P, nT): log p_T = z / T - lse_T with z = log p_1 + lse_1 (CACHE_FORMAT.md §5).
+    In place on ``lp1`` (pass the copy, in the float dtype wanted); returns it."""
+    if temperature == 1.0:
+        return lp1
+    lp1 += lse[:, list(temperatures).index(1.0), None]
+    lp1 *= lp1.dtype.type(1.0 / temperature)
+    lp1 -= lse[:, list(temperatures).index(temperature), None]
+    return lp1
 
 
 def top_k_mass(path: str | Path, name: str, *, max_rows: int = 4096) -> dict[str, dict]:
@@ -1129,8 +1143,10 @@ def top_k_mass(path: str | Path, name: str, *, max_rows: int = 4096) -> dict[str
     mass is near 1 (README, "How much of the paper's loss does a top-K cache keep?").
     """
     path = Path(path)
-    meta = read_meta(path)
-    root = _open_group(path)
+    return _top_k_mass(read_meta(path), _open_group(path), name, max_rows)
+
+
+def _top_k_mass(meta: dict, root, name: str, max_rows: int = 4096) -> dict[str, dict]:
     tg = root["teachers"][name]
     temps = [float(t) for t in meta["temperatures"]]
     C, n_tok = int(meta["chunk_tokens"]), int(meta.get("n_tokens", 0))
@@ -1139,16 +1155,16 @@ def top_k_mass(path: str | Path, name: str, *, max_rows: int = 4096) -> dict[str
         return {}
     n_pick = min(written.size, -(-max_rows // C))
     picked = np.unique(written[np.linspace(0, written.size - 1, n_pick).round().astype(int)])
-    t1 = temps.index(1.0)
     masses = []
     for c in picked:
         lo, hi = int(c) * C, min((int(c) + 1) * C, n_tok)
         keep = root["stream"]["labels"][lo:hi] != -100  # (R,)
         lp1 = tg["logprobs"][lo:hi][keep].astype(np.float64)  # (R', K) log p at T = 1
-        lse = tg["lse"][lo:hi][keep].astype(np.float64)  # (R', nT)
-        z = lp1 + lse[:, t1 : t1 + 1]  # the logits: log p_1 = z - lse_1
+        lse = tg["lse"][lo:hi][keep]  # (R', nT)
         masses.append(
-            np.stack([np.exp(z / t - lse[:, i : i + 1]).sum(1) for i, t in enumerate(temps)], 1)
+            np.stack(
+                [np.exp(stored_logprobs_at(lp1.copy(), lse, temps, t)).sum(1) for t in temps], 1
+            )
         )  # (R', nT)
     mass = np.concatenate(masses)
     if mass.shape[0] == 0:
@@ -1634,15 +1650,8 @@ class CacheReader:
                 raise MuscleError(
                     f"teacher {name!r}: cannot read {a}: {type(e).__name__}: {e}"
                 ) from None
-        lse = got["lse"]  # (P, nT) float32
-        lse1 = lse[:, self.temperatures.index(1.0), None]  # (P, 1)
-        lp = got["logprobs"].astype(np.float32)  # (P, K) log p at T=1
-        # log p_T = z / T - lse_T with z = log p_1 + lse_1 (CACHE_FORMAT.md §5).
-        if temperature != 1.0:
-            lse_t = lse[:, self.temperatures.index(temperature), None]
-            lp += lse1
-            lp *= np.float32(1.0 / temperature)
-            lp -= lse_t
+        lp1 = got["logprobs"].astype(np.float32)  # (P, K) log p at T=1
+        lp = stored_logprobs_at(lp1, got["lse"], self.temperatures, temperature)
         return got["ids"], lp, got["label_logprob"]
 
     def _name_bad_chunk(self, name: str, array: str, chunks: np.ndarray) -> None:
