@@ -159,16 +159,18 @@ def perturbed_copy(src: Path, out: Path, rel: float, seed: int) -> Path:
 
 
 def adapters_match_bases(info: dict) -> bool:
-    """Whether each adapter's sidecar still names its base's current fingerprint. A setup built
-    before ``base_fingerprint`` changed is refused by training ("trained on base ..."): rebuild."""
+    """Whether training would accept each adapter on its base (muscle's own check: the sidecar's
+    base fingerprint); a setup whose bases changed since is rebuilt."""
+    from muscle import MuscleError
     from muscle.config import ModelSpec
-    from muscle.models import base_fingerprint, read_sidecar
+    from muscle.models import check_adapter_matches_base
 
     for name in ("v1", "v2"):
         base, adapter = info[name]
-        recorded = (read_sidecar(adapter) or {}).get("base", {}).get("fingerprint")
-        if recorded != base_fingerprint(ModelSpec(base)):
-            print(f"{name}'s adapter names a stale base fingerprint: rebuilding the setup")
+        try:
+            check_adapter_matches_base(Path(adapter), ModelSpec(base))
+        except MuscleError as e:
+            print(f"{name}: {e}; rebuilding the setup")
             return False
     return True
 

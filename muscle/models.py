@@ -277,16 +277,14 @@ def base_fingerprint(spec: ModelSpec, *, legacy: bool = False) -> str:
     )
     for p in files:
         if p.name in ("config.json",) or p.suffix in (".safetensors", ".bin", ".gguf"):
+            # a GGUF is one self-contained file: its content, not its name, is the model
+            h.update(b"gguf" if p.suffix == ".gguf" and not legacy else p.name.encode())
+            h.update(str(p.stat().st_size).encode())
             if legacy:
-                h.update(p.name.encode())
-                h.update(str(p.stat().st_size).encode())
                 with p.open("rb") as f:
                     h.update(f.read(_HEAD_BYTES))
-                continue
-            # a GGUF is one self-contained file: its content, not its name, is the model
-            h.update(b"gguf" if p.suffix == ".gguf" else p.name.encode())
-            h.update(str(p.stat().st_size).encode())
-            _hash_samples(h, p)
+            else:
+                _hash_samples(h, p)
     return h.hexdigest()[:16]
 
 
