@@ -13,11 +13,11 @@ import click
 
 from muscle.cli_common import run_cli
 from muscle.config import CompatConfig, DataConfig, LoraSpec, TrainConfig
+from muscle.masks import ALL_MASKS
 
 _DEF_T = TrainConfig()
 _DEF_L = LoraSpec()
 _DEF_C = CompatConfig()
-_MASKS = ["v2c_wrong", "v1_correct", "always_v1", "always_v2", "token_ll", "seq_ll"]
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -93,7 +93,7 @@ _MASKS = ["v2c_wrong", "v1_correct", "always_v1", "always_v2", "token_ll", "seq_
 @click.option("--lora-alpha", default=_DEF_L.alpha, show_default=True, type=float)
 @click.option("--lora-dropout", default=_DEF_L.dropout, show_default=True, type=float)
 @click.option("--temperature", default=_DEF_C.temperature, show_default=True, type=float)
-@click.option("--mask", default=_DEF_C.mask, show_default=True, type=click.Choice(_MASKS))
+@click.option("--mask", default=_DEF_C.mask, show_default=True, type=click.Choice(ALL_MASKS))
 @click.option(
     "--ce-weight",
     default=_DEF_C.ce_weight,

@@ -44,10 +44,12 @@ import torch
 import triton
 import triton.language as tl
 
+from muscle.masks import STUDENT_MASKS
+
 # 1 - sum_S q below this -> compute log q_tail exactly over the complement (see module doc).
 _TAIL_EXACT_BELOW = 2.0**-10
 
-_MASK_MODES = ("v2c_wrong", "v1_correct", "always_v1", "always_v2")
+_MASK_MODES = tuple(STUDENT_MASKS)
 
 
 def _interpreting() -> bool:

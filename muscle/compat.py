@@ -29,6 +29,7 @@ from muscle.data import (
     model_max_length,
     num_batches,
 )
+from muscle.masks import ALL_MASKS, STUDENT_MASKS
 from muscle.models import (
     base_fingerprint,
     describe_model,
@@ -55,9 +56,6 @@ from muscle.train import (
     valid_rows,
 )
 
-KERNEL_MASKS = ("v2c_wrong", "v1_correct", "always_v1", "always_v2")
-LIKELIHOOD_MASKS = ("token_ll", "seq_ll")
-
 
 def _stats_dict(stats) -> dict[str, float]:
     raw = stats if isinstance(stats, dict) else vars(stats)
@@ -75,15 +73,13 @@ class CompatObjective:
     name = "compat"
 
     def __init__(self, cfg: CompatConfig):
-        if cfg.mask not in KERNEL_MASKS + LIKELIHOOD_MASKS:
-            raise MuscleError(
-                f"unknown mask {cfg.mask!r}: choose one of {', '.join(KERNEL_MASKS + LIKELIHOOD_MASKS)}"
-            )
+        if cfg.mask not in ALL_MASKS:
+            raise MuscleError(f"unknown mask {cfg.mask!r}: choose one of {', '.join(ALL_MASKS)}")
         self.cfg = cfg
 
     def mask_for(self, batch: Batch, rows: torch.Tensor):
         """The kernel's own mask name, or a bool tensor (n,) for the likelihood masks."""
-        if self.cfg.mask in KERNEL_MASKS:
+        if self.cfg.mask in STUDENT_MASKS:
             return self.cfg.mask
         from muscle.losses import sequence_likelihood_mask, token_likelihood_mask
 

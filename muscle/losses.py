@@ -44,7 +44,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-MASK_MODES = ("v2c_wrong", "v1_correct", "always_v1", "always_v2")
+from muscle.masks import STUDENT_MASKS
+
+MASK_MODES = tuple(STUDENT_MASKS)  # the masks the loss computes itself (muscle.masks)
 IMPLS = ("auto", "torch", "chunked", "triton")
 
 # The chunked path falls back to an exact per-row complement log-sum-exp when the shifted tail
