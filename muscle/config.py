@@ -9,6 +9,10 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 
+# The method's two numbers that several stages share; every default refers to these.
+DEFAULT_TEMPERATURE = 2.0  # paper App. A.1 (Table 7): distillation temperature T
+DEFAULT_TOP_K = 64  # teacher entries kept per token, in the cache and online (not in the paper)
+
 
 def _ints_to_floats(obj) -> None:
     """Store an int given for a float field as a float: LoraSpec(alpha=16) and the CLI's
@@ -90,7 +94,7 @@ class TrainConfig:
 class CompatConfig:
     """The MUSCLE loss options (paper Sec. 4.1, Eq. 1-2; ablations Sec. 6.5)."""
 
-    temperature: float = 2.0  # paper App. A.1
+    temperature: float = DEFAULT_TEMPERATURE
     mask: str = "v2c_wrong"  # v2c_wrong | v1_correct | always_v1 | always_v2 | token_ll | seq_ll
     ce_weight: float = 0.0  # returns (1 - w) L_comp + w CE; paper's lambda = 1 - w
     t2_scale: bool = False
@@ -118,6 +122,8 @@ def fingerprint(*parts) -> str:
 
 
 __all__ = [
+    "DEFAULT_TEMPERATURE",
+    "DEFAULT_TOP_K",
     "ModelSpec",
     "LoraSpec",
     "DataConfig",
