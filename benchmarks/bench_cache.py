@@ -371,6 +371,11 @@ def main() -> None:
     ap.add_argument("--examples", type=int)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--noise", type=float, default=0.05)
+    ap.add_argument(
+        "--data-dir",
+        help="task data laid out as DATA_FORMAT.md says (default: $MUSCLE_DATA_DIR, else the PIQA "
+        "shipped in muscle/embedded)",
+    )
     ap.add_argument("--csv", default=str(REPO / "benchmarks" / "results" / "cache_cpu.csv"))
     ap.add_argument("--label", default="", help="appended to every row's note (which code ran)")
     args = ap.parse_args()
@@ -388,9 +393,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-cache-"))
     try:
         mdir = model_dir(args, tmp)
-        data = DataConfig(
-            task="piqa", data_dir=str(REPO.parent / "shared" / "data"), max_examples=n_ex
-        )
+        data = DataConfig(task="piqa", data_dir=args.data_dir, max_examples=n_ex)
         ctx = {
             "date": datetime.date.today().isoformat(),
             "machine": machine(),

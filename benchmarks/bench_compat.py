@@ -178,13 +178,14 @@ def adapters_match_bases(info: dict) -> bool:
 def setup(args) -> dict:
     """Model pair + adapters + cache, reused when ``setup.json`` matches."""
     from muscle.config import DataConfig, ModelSpec
+    from muscle.tasks import default_data_dir
     from muscle.teacher_cache import CacheConfig, build_cache
-    from tiny import SHARED_DATA, make_model_dir
+    from tiny import make_model_dir
 
     work = Path(args.workdir or f"/tmp/bench_compat/{args.model}")
     data = {
         "task": "piqa",
-        "data_dir": str(SHARED_DATA),
+        "data_dir": str(args.data_dir or default_data_dir()),
         "max_examples": args.max_examples,
         "max_length": 256,
     }
@@ -385,6 +386,11 @@ def main() -> None:
         "--warmup", type=int, default=None, help="first steps left out of tokens/s (default 2)"
     )
     ap.add_argument("--lora-r", type=int, default=16)
+    ap.add_argument(
+        "--data-dir",
+        help="task data laid out as DATA_FORMAT.md says (default: $MUSCLE_DATA_DIR, else the PIQA "
+        "shipped in muscle/embedded)",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument(
         "--threads",

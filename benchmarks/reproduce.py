@@ -34,7 +34,8 @@ ROOT = REPO / "runs" / "repro"
 LOGS = ROOT / "logs"
 BIN = Path(sys.executable).parent
 RESULTS = REPO / "benchmarks" / "results" / "reproduce.json"
-SHARED_DATA = Path(os.environ.get("MUSCLE_SHARED_DATA", REPO.parent / "shared" / "data"))
+# The full task data (DATA_FORMAT.md): set by main from --data-dir or $MUSCLE_DATA_DIR.
+DATA_DIR = Path()
 
 # ---- sizes (CPU budget: 2 shared cores). Paper: full train sets, r=128, 10 epochs. ----------
 # fmt: off
@@ -59,7 +60,7 @@ WARMUP = 5
 
 
 def data_dir(task: str) -> Path:
-    return SHARED_DATA
+    return DATA_DIR
 
 
 def run(stage: str, cmd: list[str], done: Path | None, times: dict) -> None:
@@ -417,11 +418,27 @@ def main() -> None:
     ap.add_argument(
         "--v2-steps", type=int, default=16, help="continued-pretraining steps for base-v2"
     )
+    ap.add_argument(
+        "--data-dir",
+        default=os.environ.get("MUSCLE_DATA_DIR"),
+        help="the full task data, laid out as DATA_FORMAT.md says (default: $MUSCLE_DATA_DIR)",
+    )
     a = ap.parse_args()
+    root = Path(a.data_dir) if a.data_dir else None
+    missing = [
+        t for t in a.tasks.split(",") if t.strip() and not (root and (root / t.strip()).is_dir())
+    ]
+    if missing:
+        print(
+            f"error: no task data for {', '.join(missing)} in {root or 'no folder'}: pass"
+            " --data-dir (or set MUSCLE_DATA_DIR) to a folder laid out as DATA_FORMAT.md says",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
     times: dict = {}
     t0 = time.time()
-    global V2_STEPS
-    V2_STEPS = a.v2_steps
+    global V2_STEPS, DATA_DIR
+    V2_STEPS, DATA_DIR = a.v2_steps, root
     run(
         "bases-v1",
         [
