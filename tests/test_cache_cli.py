@@ -14,14 +14,14 @@ import pytest
 from test_teacher_cache import assert_same_cache
 
 from muscle.cli.cache import main
-from tiny import SHARED_DATA, make_model_dir, run_cli_main
+from tiny import EMBEDDED_DATA, make_model_dir, run_cli_main
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = [
     "--task",
     "piqa",
     "--data-dir",
-    str(SHARED_DATA),
+    str(EMBEDDED_DATA),
     "--max-examples",
     "40",
     "--k",

@@ -38,11 +38,11 @@ from muscle.train import (
     train_identity,
     train_task_adapter,
 )
-from tiny import SHARED_DATA, build_tokenizer, make_model_dir, run_cli_main
+from tiny import EMBEDDED_DATA, build_tokenizer, make_model_dir, run_cli_main
 
 K = 16
 LORA = LoraSpec(r=8, alpha=16.0)  # float, as the CLI passes it (the identity tells 16 from 16.0)
-DATA = DataConfig(task="piqa", data_dir=str(SHARED_DATA), max_examples=120, max_length=128)
+DATA = DataConfig(task="piqa", data_dir=str(EMBEDDED_DATA), max_examples=120, max_length=128)
 CFG = TrainConfig(lr=1e-2, epochs=3, grad_accum=2, warmup_steps=2, batch_size=8, checkpoint_every=3)
 
 
@@ -71,7 +71,7 @@ def save_random_adapter(base_dir: Path, out: Path, seed: int) -> Path:
 def piqa_batch(max_examples: int, max_length: int, batch_size: int = 4) -> dict:
     tok = build_tokenizer()
     task = get_task("piqa")
-    exs = load_examples(task, "train", data_dir=str(SHARED_DATA), max_examples=max_examples)
+    exs = load_examples(task, "train", data_dir=str(EMBEDDED_DATA), max_examples=max_examples)
     enc = encode_examples(tok, task, exs, max_length=max_length)
     return next(iter_batches(enc, batch_size, tok.pad_token_id, shuffle=False))
 
@@ -145,7 +145,7 @@ def base_dir(tmp_path_factory):
 def update(tmp_path_factory):
     """A v1 -> v2 update of tiny Llamas with random task adapters, and a cache of both."""
     root = tmp_path_factory.mktemp("update")
-    data = DataConfig(task="piqa", data_dir=str(SHARED_DATA), max_examples=40, max_length=96)
+    data = DataConfig(task="piqa", data_dir=str(EMBEDDED_DATA), max_examples=40, max_length=96)
     b1 = make_model_dir(root / "base1", seed=0, init_std=0.15)
     b2 = make_model_dir(root / "base2", seed=1, init_std=0.15)
     v1 = ModelSpec(str(b1), str(save_random_adapter(b1, root / "a1", 10)))
@@ -303,7 +303,7 @@ def test_run_started_without_checkpointing_resumes_with_it_from_the_cli(
         "--out",
         str(part),
         "--data-dir",
-        str(SHARED_DATA),
+        str(EMBEDDED_DATA),
         "--max-examples",
         "120",
         "--max-length",

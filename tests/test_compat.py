@@ -30,10 +30,10 @@ from muscle.models import (
 )
 from muscle.tasks import get_task, load_examples
 from muscle.teacher_cache import CacheConfig, CacheReader, build_cache
-from tiny import SHARED_DATA, build_tokenizer, make_model_dir
+from tiny import EMBEDDED_DATA, build_tokenizer, make_model_dir
 
 K = 16
-DATA = DataConfig(task="piqa", data_dir=str(SHARED_DATA), max_examples=40, max_length=96)
+DATA = DataConfig(task="piqa", data_dir=str(EMBEDDED_DATA), max_examples=40, max_length=96)
 CACHE_CFG = CacheConfig(k=K, chunk_tokens=256, shard_chunks=2)
 
 

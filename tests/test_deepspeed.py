@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from muscle import MuscleError
 from muscle.config import TrainConfig
 from muscle.train import resolve_deepspeed_config
-from tiny import SHARED_DATA, make_model_dir
+from tiny import EMBEDDED_DATA, make_model_dir
 
 BIN = Path(sys.executable).parent
 ZERO2 = {
@@ -50,7 +50,7 @@ def train_args(base, out, batch_size):
         "--out",
         str(out),
         "--data-dir",
-        str(SHARED_DATA),
+        str(EMBEDDED_DATA),
         "--max-examples",
         "94",
         "--max-length",
@@ -182,7 +182,7 @@ def test_unsupported_config_is_one_line_exit_2(tmp_path, bad, message):
             "--out",
             str(out),
             "--data-dir",
-            str(SHARED_DATA),
+            str(EMBEDDED_DATA),
             "--batch-size",
             "4",
             "--deepspeed",

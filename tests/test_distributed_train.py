@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tiny import SHARED_DATA, make_model_dir
+from tiny import EMBEDDED_DATA, make_model_dir
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 BIN = Path(sys.executable).parent
@@ -26,7 +26,7 @@ def train_args(base, out, batch_size):
         "--out",
         str(out),
         "--data-dir",
-        str(SHARED_DATA),
+        str(EMBEDDED_DATA),
         "--max-examples",
         "94",
         "--max-length",

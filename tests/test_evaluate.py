@@ -16,9 +16,9 @@ from muscle.data import split_context_answer
 from muscle.models import attach_lora, base_fingerprint, load_model, load_tokenizer, save_adapter
 from muscle.predictions import meta_path, read_meta, read_predictions
 from muscle.tasks import get_task, load_examples
-from tiny import SHARED_DATA, make_model_dir, run_cli_main
+from tiny import FIXTURE_DATA, make_model_dir, run_cli_main
 
-DATA = str(SHARED_DATA)
+DATA = str(FIXTURE_DATA)
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,11 @@
 """muscle's multiple-choice acc / acc_norm equal lm-eval-harness's, example by example.
 
-lm-eval 0.4.13 (the ``evalharness`` extra) scores a tiny local model on slices of the shared
-PIQA and HellaSwag JSONL through local task YAMLs (``tests/fixtures/lm_eval``) that restate
-lm-eval's own prompt definitions; muscle scores the same model on the same records. A tiny
-random model's log-likelihoods are arbitrary, so agreement on every example (not just on the
-mean) means the prompts, the tokenization split, truncation and the sums all agree.
+lm-eval 0.4.13 (the ``evalharness`` extra) scores a tiny local model on slices of the PIQA
+(``muscle/embedded/data``) and HellaSwag (``tests/fixtures/data``) JSONL through local task
+YAMLs (``tests/fixtures/lm_eval``) that restate lm-eval's own prompt definitions; muscle scores
+the same model on the same records. A tiny random model's log-likelihoods are arbitrary, so
+agreement on every example (not just on the mean) means the prompts, the tokenization split,
+truncation and the sums all agree.
 
 Offline: the model is a local directory, the data go through the ``json`` dataset builder that
 ships inside ``datasets`` (no hub access), and the HF offline switches are set.
@@ -23,7 +24,7 @@ import torch
 from muscle.config import ModelSpec
 from muscle.evaluate import predict
 from muscle.predictions import read_predictions
-from tiny import SHARED_DATA, make_model_dir
+from tiny import EMBEDDED_DATA, FIXTURE_DATA, make_model_dir
 
 # Before lm_eval (and through it datasets) is imported: they read these once, at import.
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -58,10 +59,10 @@ def _write(path: Path, lines: list[str]) -> Path:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm_eval")
-    piqa = _first_lines(SHARED_DATA / "piqa" / "valid.jsonl", N_PIQA)
+    piqa = _first_lines(EMBEDDED_DATA / "piqa" / "valid.jsonl", N_PIQA)
     # muscle's HellaSwag evaluation source is the records whose idx is a multiple of 4.
     hellaswag = _first_lines(
-        SHARED_DATA / "hellaswag" / "validation.jsonl",
+        FIXTURE_DATA / "hellaswag" / "validation.jsonl",
         N_HELLASWAG,
         keep=lambda rec: rec["idx"] % 4 == 0,
     )

@@ -13,7 +13,7 @@ from muscle.tasks import (
     load_examples,
     split_indices,
 )
-from tiny import SHARED_DATA, build_tokenizer
+from tiny import EMBEDDED_DATA, FIXTURE_DATA, build_tokenizer
 
 # ---------------------------------------------------------------- rendering (hand-written expectations)
 # The expected strings below are written by hand from lm-eval-harness's task definitions:
@@ -24,8 +24,8 @@ from tiny import SHARED_DATA, build_tokenizer
 
 
 def test_piqa_prompt_first_validation_example():
-    ex = load_examples("piqa", "test", data_dir=SHARED_DATA, max_examples=1)[0]
-    first = json.loads((SHARED_DATA / "piqa" / "valid.jsonl").read_text().splitlines()[0])
+    ex = load_examples("piqa", "test", data_dir=EMBEDDED_DATA, max_examples=1)[0]
+    first = json.loads((EMBEDDED_DATA / "piqa" / "valid.jsonl").read_text().splitlines()[0])
     assert ex.context == "Question: " + first["goal"] + "\nAnswer:"
     assert ex.choices == (first["sol1"], first["sol2"])
     assert ex.target == first["label"]
@@ -74,8 +74,8 @@ def test_hellaswag_preprocess_markers():
 
 
 def test_hellaswag_local_carve_out_is_disjoint():
-    train = load_examples("hellaswag", "train", data_dir=SHARED_DATA, max_examples=300)
-    test = load_examples("hellaswag", "test", data_dir=SHARED_DATA, max_examples=300)
+    train = load_examples("hellaswag", "train", data_dir=FIXTURE_DATA, max_examples=300)
+    test = load_examples("hellaswag", "test", data_dir=FIXTURE_DATA, max_examples=300)
     assert all(ex.id % 4 == 0 for ex in test)
     assert all(ex.id % 4 != 0 for ex in train)
     assert test[0].context.startswith("Roof shingle removal: ")
@@ -113,9 +113,9 @@ def test_split_is_80_20_disjoint_and_deterministic():
 
 
 def test_load_examples_splits_deterministic():
-    a = load_examples("piqa", "validation", data_dir=SHARED_DATA, max_examples=500, split_seed=1)
-    b = load_examples("piqa", "validation", data_dir=SHARED_DATA, max_examples=500, split_seed=1)
-    t = load_examples("piqa", "train", data_dir=SHARED_DATA, max_examples=500, split_seed=1)
+    a = load_examples("piqa", "validation", data_dir=EMBEDDED_DATA, max_examples=500, split_seed=1)
+    b = load_examples("piqa", "validation", data_dir=EMBEDDED_DATA, max_examples=500, split_seed=1)
+    t = load_examples("piqa", "train", data_dir=EMBEDDED_DATA, max_examples=500, split_seed=1)
     assert [e.id for e in a] == [e.id for e in b]
     assert len(a) == 100 and len(t) == 400
     assert {e.id for e in a}.isdisjoint(e.id for e in t)

@@ -22,10 +22,10 @@ from muscle.teacher_cache import (
     render_inspect,
     verify_cache,
 )
-from tiny import SHARED_DATA, make_model_dir
+from tiny import EMBEDDED_DATA, make_model_dir
 
 K = 16
-DATA = DataConfig(task="piqa", data_dir=str(SHARED_DATA), max_examples=40)
+DATA = DataConfig(task="piqa", data_dir=str(EMBEDDED_DATA), max_examples=40)
 CFG = CacheConfig(k=K, chunk_tokens=128, shard_chunks=2, batch_size=4)
 
 
@@ -193,13 +193,13 @@ def test_inspect_and_verify(cache, models):
     [
         ({"cfg": CacheConfig(k=8, chunk_tokens=128, shard_chunks=2)}, "its K"),
         (
-            {"data": DataConfig(task="piqa", data_dir=str(SHARED_DATA), max_examples=30)},
+            {"data": DataConfig(task="piqa", data_dir=str(EMBEDDED_DATA), max_examples=30)},
             "dataset fingerprint",
         ),
         (
             {
                 "data": DataConfig(
-                    task="piqa", data_dir=str(SHARED_DATA), max_examples=40, val_fraction=0.3
+                    task="piqa", data_dir=str(EMBEDDED_DATA), max_examples=40, val_fraction=0.3
                 )
             },
             "split",
@@ -207,7 +207,7 @@ def test_inspect_and_verify(cache, models):
         (
             {
                 "data": DataConfig(
-                    task="piqa", data_dir=str(SHARED_DATA), max_examples=40, max_length=20
+                    task="piqa", data_dir=str(EMBEDDED_DATA), max_examples=40, max_length=20
                 )
             },
             "token stream",
@@ -256,7 +256,7 @@ def test_nan_logits_name_the_example(models, tmp_path):
 
     tok = AutoTokenizer.from_pretrained(models["m1"])
     tok.save_pretrained(tok_dir)
-    ex = load_examples("piqa", "train", data_dir=SHARED_DATA, max_examples=40)
+    ex = load_examples("piqa", "train", data_dir=EMBEDDED_DATA, max_examples=40)
     bad_token = tok(ex[5].context)["input_ids"][3]
     poisoned = {e.id for e in ex if bad_token in tok(e.context + " " + e.answer)["input_ids"]}
     with torch.no_grad():

@@ -9,10 +9,10 @@ from safetensors.torch import load_file
 from muscle.cli.train import main as train_main
 from muscle.config import DataConfig, LoraSpec, ModelSpec, TrainConfig
 from muscle.train import RunDir, read_log, train_task_adapter
-from tiny import SHARED_DATA, make_model_dir
+from tiny import EMBEDDED_DATA, make_model_dir
 
 LORA = LoraSpec(r=8, alpha=16)
-DATA = DataConfig(task="piqa", data_dir=str(SHARED_DATA), max_examples=120, max_length=128)
+DATA = DataConfig(task="piqa", data_dir=str(EMBEDDED_DATA), max_examples=120, max_length=128)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def run_cli(args, capsys):
 def test_bad_inputs(base_dir, other_base_dir, trained, tmp_path, capsys):
     common = [
         "--data-dir",
-        str(SHARED_DATA),
+        str(EMBEDDED_DATA),
         "--max-examples",
         "20",
         "--lora-r",
@@ -196,7 +196,7 @@ def test_bad_inputs(base_dir, other_base_dir, trained, tmp_path, capsys):
             "--out",
             str(tmp_path / "d"),
             "--data-dir",
-            str(SHARED_DATA),
+            str(EMBEDDED_DATA),
             "--max-examples",
             "0",
             "--max-steps",

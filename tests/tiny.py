@@ -7,10 +7,13 @@ from functools import lru_cache
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# The project's curated task data sits beside the checkout (CI lays a copy of shared/ there).
-SHARED_DATA = REPO.parent / "shared" / "data"
-# PIQA and GSM8K also ship inside the package (muscle/embedded): the tokenizer corpus uses them.
+# Everything the tests read lives in the repository (DATA_FORMAT.md describes the layout).
+# The full PIQA and GSM8K files ship inside the package (muscle/embedded): the tokenizer corpus
+# and the PIQA-only tests read them, unchanged.
 EMBEDDED_DATA = REPO / "muscle" / "embedded" / "data"
+# A small data dir with all four tasks (first lines of the real files; synthetic SAMSum; see its
+# NOTICE.md), for tests that need HellaSwag or SAMSum, or one data dir holding every task.
+FIXTURE_DATA = REPO / "tests" / "fixtures" / "data"
 
 
 def corpus_lines(n: int = 3000) -> list[str]:
