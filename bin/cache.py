@@ -46,7 +46,12 @@ def _floats(value: str | None) -> tuple[float, ...] | None:
 @click.option("--name", help="Teacher name with --base: v1 or v2.")
 @click.option("--task", help="Task (default: the config's task).")
 @click.option("--source", default="local", show_default=True, type=click.Choice(["local", "hub"]))
-@click.option("--data-dir", type=click.Path(file_okay=False))
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    help="Local task data: a folder laid out as DATA_FORMAT.md says (default: $MUSCLE_DATA_DIR, "
+    "else the PIQA and GSM8K shipped with muscle).",
+)
 @click.option("--val-fraction", type=float, default=0.2, show_default=True)
 @click.option("--split-seed", type=int, default=0, show_default=True)
 @click.option("--max-examples", type=int, help="Cap on the training pool (before the split).")

@@ -68,7 +68,12 @@ def compare_cmd(
 @click.option("--model", "model_name", help="A model named in --config (e.g. v1).")
 @click.option("--out", "out_path", required=True, type=_OUT, help="Predictions JSONL to write.")
 @click.option("--split", default="test", show_default=True, help="train, validation or test.")
-@click.option("--data-dir", type=click.Path(file_okay=False), help="Local task data folder.")
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    help="Local task data: a folder laid out as DATA_FORMAT.md says (default: $MUSCLE_DATA_DIR, "
+    "else the PIQA and GSM8K shipped with muscle).",
+)
 @click.option("--source", type=click.Choice(["local", "hub"]), default="local", show_default=True)
 @click.option("--limit", type=int, help="Only the first N examples of the split.")
 @click.option(

@@ -62,7 +62,12 @@ _DEF_C = CompatConfig()
     "--dtype", default=None, help="Base weights dtype: float32 | bfloat16 | float16 | auto."
 )
 @click.option("--source", default="local", show_default=True, type=click.Choice(["local", "hub"]))
-@click.option("--data-dir", type=click.Path(), help="Local task data (layout of shared/data).")
+@click.option(
+    "--data-dir",
+    type=click.Path(),
+    help="Local task data: a folder laid out as DATA_FORMAT.md says (default: $MUSCLE_DATA_DIR, "
+    "else the PIQA and GSM8K shipped with muscle).",
+)
 @click.option("--max-examples", type=int, help="Cap the training pool (before the 80/20 split).")
 @click.option("--val-fraction", default=0.2, show_default=True, type=float)
 @click.option("--split-seed", default=0, show_default=True, type=int)

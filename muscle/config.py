@@ -54,7 +54,7 @@ class LoraSpec:
 class DataConfig:
     task: str
     source: str = "local"  # "local" (JSONL files) | "hub" (Hugging Face datasets)
-    data_dir: str | None = None  # local: folder laid out like shared/data (piqa/train.jsonl, ...)
+    data_dir: str | None = None  # local: a folder laid out as DATA_FORMAT.md says (piqa/...)
     val_fraction: float = 0.2  # paper App. A.1: 80% train / 20% validation of the train split
     split_seed: int = 0
     max_examples: int | None = None  # cap on the training pool, before the 80/20 split

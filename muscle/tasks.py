@@ -1,9 +1,10 @@
 """The four tasks of the paper, declared once each, as data.
 
-A task says where its examples come from (a Hugging Face hub dataset, or local JSONL files laid
-out like ``shared/data``), how a raw record becomes an :class:`Example` (context + answer text,
-choices or stop strings), and which metric scores it. Prompt formats follow lm-eval-harness where
-it defines the task (PIQA, HellaSwag, GSM8K) and the paper's App. A.1 for SAMSum.
+A task says where its examples come from (a Hugging Face hub dataset, or local JSONL files in
+muscle's local data layout, DATA_FORMAT.md), how a raw record becomes an :class:`Example`
+(context + answer text, choices or stop strings), and which metric scores it. Prompt formats
+follow lm-eval-harness where it defines the task (PIQA, HellaSwag, GSM8K) and the paper's App. A.1
+for SAMSum.
 
 Logical splits, the same for every task:
 
@@ -11,7 +12,7 @@ Logical splits, the same for every task:
   ``split_seed`` (paper App. A.1). Used by the trainer and the cache.
 * ``test``: the task's *evaluation source* (what lm-eval scores). Used by ``muscle-eval``.
 
-Where the shared data lacks a split we carve one out (documented per task below):
+Where the local data lacks a split we carve one out (documented per task below):
 
 * HellaSwag has only its validation set locally (10,042 examples): examples whose ``idx`` is a
   multiple of 4 are the evaluation source (2,511), the rest (7,531) the training source. With
@@ -121,7 +122,7 @@ def hellaswag_preprocess(text: str) -> str:
 def _hellaswag_example(rec: dict, i: int) -> Example:
     if "ctx_a" in rec:  # hub schema: lm-eval capitalises ctx_b
         ctx = rec["ctx_a"] + " " + rec["ctx_b"].capitalize()
-    else:  # shared/data schema: ctx is already ctx_a + " " + ctx_b, ctx_b not capitalised
+    else:  # local schema (DATA_FORMAT.md): ctx is ctx_a + " " + ctx_b, ctx_b not capitalised
         ctx = rec["ctx"]
     choices = tuple(hellaswag_preprocess(e) for e in rec["endings"])
     gold = int(rec["label"])
