@@ -1,21 +1,20 @@
-"""Per-example metrics (GSM8K, ROUGE-1, multiple choice) and the paper's compatibility metrics,
-checked against numbers worked out by hand."""
+"""Per-example task metrics (GSM8K, ROUGE-1, multiple choice, ``muscle.task_metrics``) and the
+paper's compatibility metrics (``muscle.flips``), checked against numbers worked out by hand."""
 
 from __future__ import annotations
 
 import pytest
 
 from muscle import MuscleError
-from muscle.metrics import (
+from muscle.flips import compare, paper_row
+from muscle.task_metrics import (
     GSM8K_INVALID,
-    compare,
     gsm8k_answer,
     gsm8k_exact_match,
     gsm8k_extract,
     gsm8k_normalize,
     gsm8k_target,
     multiple_choice,
-    paper_row,
     rouge1,
 )
 
@@ -272,3 +271,17 @@ def test_paper_row_by_hand():
 def test_paper_row_relative_delta_is_null_when_nfr_is_zero():
     row = paper_row(records(OLD, TARGETS), records(OLD, TARGETS), records(NEW, TARGETS))
     assert row.nfr == 0 and row.rel_delta_nfr_c is None and row.rel_delta_nfr_smooth_c is None
+
+
+def test_old_import_path_reexports_the_same_objects():
+    # muscle.metrics is kept for one release as a re-export of the two modules it was split into.
+    import muscle.flips
+    import muscle.metrics
+    import muscle.task_metrics
+
+    assert muscle.metrics.compare is muscle.flips.compare
+    assert muscle.metrics.paper_row is muscle.flips.paper_row
+    assert muscle.metrics.CompareResult is muscle.flips.CompareResult
+    assert muscle.metrics.multiple_choice is muscle.task_metrics.multiple_choice
+    assert muscle.metrics.gsm8k_answer is muscle.task_metrics.gsm8k_answer
+    assert muscle.metrics.rouge1 is muscle.task_metrics.rouge1
