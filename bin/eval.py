@@ -13,7 +13,16 @@ import click
 
 from muscle import MuscleError
 from muscle.cli_common import run_cli
-from muscle.report import build_report, render_markdown, render_text, write_json, write_plot
+from muscle.flip_stats import BootstrapSpec
+from muscle.gate import EXIT_GATE_FAILED, GATE_METRICS, parse_conditions, violations
+from muscle.report import (
+    build_report,
+    comparison_label,
+    render_markdown,
+    render_text,
+    write_json,
+    write_plot,
+)
 from muscle.report import write_text as write_text_file
 
 _OUT = click.Path(dir_okay=False)
@@ -31,6 +40,27 @@ def cli() -> None:
 @click.option("--plot", "plot_out", type=_OUT, help="Write a PNG: quadrants and histogram of D.")
 @click.option("--markdown", "markdown_out", type=_OUT, help="Write the tables as Markdown here.")
 @click.option("--intersect", is_flag=True, help="Compare only the ids present in every file.")
+@click.option(
+    "--bootstrap",
+    "resamples",
+    type=int,
+    default=BootstrapSpec.resamples,
+    show_default=True,
+    help="Paired bootstrap resamples for the 95% intervals (at least 1).",
+)
+@click.option(
+    "--seed", type=int, default=BootstrapSpec.seed, show_default=True, help="Bootstrap seed."
+)
+@click.option(
+    "--fail-if",
+    "fail_if",
+    multiple=True,
+    metavar="'METRIC OP NUMBER'",
+    help=f"Exit {EXIT_GATE_FAILED} if this holds for an OLD -> NEW comparison, e.g. "
+    "'nfr > 0.03', 'score_drop > 0.5%' (op: > >= < <=; repeatable). Metrics: "
+    f"{', '.join(m for m in GATE_METRICS if not m.endswith(('_ci_low', '_ci_high')))}, "
+    "each also as METRIC_ci_low / METRIC_ci_high.",
+)
 def compare_cmd(
     old: str,
     new: tuple[str, ...],
@@ -38,14 +68,24 @@ def compare_cmd(
     plot_out: str | None,
     markdown_out: str | None,
     intersect: bool,
-) -> None:
+    resamples: int,
+    seed: int,
+    fail_if: tuple[str, ...],
+) -> int:
     """Compatibility of OLD -> NEW for each NEW predictions file (JSONL, see
-    PREDICTIONS_FORMAT.md): scores, NFR, PFR, NFR_mc, smooth NFR/PFR, m_g, m_r.
+    PREDICTIONS_FORMAT.md): scores, NFR, PFR, NFR_mc, smooth NFR/PFR, m_g, m_r, with paired
+    bootstrap intervals and exact sign tests.
 
     With three files (v1 v2 v2c) also prints the paper's table row, v2c being the compatibility
-    model.
+    model. With --fail-if, exits 3 (after writing every output) when a condition holds.
     """
-    report = build_report(old, new, intersect=intersect)
+    conditions = parse_conditions(fail_if)  # bad expressions stop before any work
+    spec = BootstrapSpec(resamples=resamples, seed=seed)
+    report = build_report(old, new, intersect=intersect, bootstrap=spec)
+    failed = violations(
+        conditions,
+        [(comparison_label(report, c), c.result, c.uncertainty) for c in report.comparisons],
+    )  # checked before anything is written: an undefined metric is a usage error
     click.echo(render_text(report), nl=False)
     if json_out:
         write_json(report, json_out)
@@ -53,6 +93,9 @@ def compare_cmd(
         write_text_file(markdown_out, render_markdown(report))
     if plot_out:
         write_plot(report, plot_out)
+    for line in failed:
+        click.echo(line, err=True)
+    return EXIT_GATE_FAILED if failed else 0
 
 
 @cli.command("predict")

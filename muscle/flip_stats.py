@@ -19,6 +19,7 @@ column mean of the block is one matrix product.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,7 @@ import numpy as np
 from muscle import MuscleError
 from muscle.flips import (
     FLIP_METRICS,
+    METRIC_COLUMNS,
     Columns,
     flip_metrics,
     has_correct,
@@ -146,8 +148,9 @@ class BootstrapSpec:
         }
 
 
-# Index elements drawn per block: bounds the (rows, n) int64 index and weight matrices (~8 MB).
-_BLOCK_ELEMENTS = 1 << 20
+# Index elements drawn per block: the (rows, n) int64 index and weight matrices stay ~1 MB, which
+# keeps bincount's scattered increments in cache.
+_BLOCK_ELEMENTS = 1 << 17
 
 
 def bootstrap_means(columns: np.ndarray, resamples: int, seed: int) -> np.ndarray:
@@ -193,7 +196,7 @@ def percentile_interval(samples: np.ndarray, level: float) -> Interval:
 def _resampled_metrics(cols_list: list[Columns], spec: BootstrapSpec) -> list[dict[str, Any]]:
     """FLIP_METRICS over resamples for several column sets of the same n examples, resampled
     jointly (the same drawn indices for all): one dict of (B,) arrays (or None) per set."""
-    names = [sorted(cols) for cols in cols_list]
+    names = [[name for name in METRIC_COLUMNS if name in cols] for cols in cols_list]
     matrix = np.column_stack(
         [cols[name] for cols, ns in zip(cols_list, names, strict=True) for name in ns]
     )
@@ -253,15 +256,45 @@ class Uncertainty:
         return {k: None if v is None else v.to_dict() for k, v in self.tests.items()}
 
 
+def uncertainties(
+    comparisons: Sequence[Columns],
+    paper: tuple[Columns, Columns] | None,
+    spec: BootstrapSpec,
+) -> tuple[list[Uncertainty], Uncertainty | None]:
+    """Intervals and tests of each OLD -> NEW comparison and of the paper row (v1 -> v2,
+    v1 -> v2c: PAPER_CI_KEYS, :func:`paper_tests`).
+
+    Column sets over the same number of examples are resampled in one pass, with the same
+    drawn indices (joint across files); a set passed twice (the paper row's v1 -> v2 is
+    usually the first comparison) is resampled once.
+    """
+    if paper is not None and len(paper[0]["delta"]) != len(paper[1]["delta"]):
+        raise MuscleError("paper row: v1 -> v2 and v1 -> v2c must cover the same examples")
+    unique = list({id(c): c for c in [*comparisons, *(paper or ())]}.values())
+    samples: dict[int, dict[str, Any]] = {}
+    for n in dict.fromkeys(len(c["delta"]) for c in unique):
+        group = [c for c in unique if len(c["delta"]) == n]
+        for cols, metrics in zip(group, _resampled_metrics(group, spec), strict=True):
+            samples[id(cols)] = metrics
+    per_comparison = [
+        Uncertainty(_intervals(samples[id(c)], COMPARE_CI_KEYS, spec.level), comparison_tests(c))
+        for c in comparisons
+    ]
+    row = None
+    if paper is not None:
+        plain, compat = paper
+        fields = paper_fields(samples[id(plain)], samples[id(compat)])
+        row = Uncertainty(_intervals(fields, PAPER_CI_KEYS, spec.level), paper_tests(plain, compat))
+    return per_comparison, row
+
+
 def comparison_uncertainty(cols: Columns, spec: BootstrapSpec) -> Uncertainty:
     """Intervals for COMPARE_CI_KEYS and the tests of :func:`comparison_tests`, OLD -> NEW."""
-    (samples,) = _resampled_metrics([cols], spec)
-    return Uncertainty(_intervals(samples, COMPARE_CI_KEYS, spec.level), comparison_tests(cols))
+    return uncertainties([cols], None, spec)[0][0]
 
 
 def paper_uncertainty(plain: Columns, compat: Columns, spec: BootstrapSpec) -> Uncertainty:
     """Intervals for PAPER_CI_KEYS (v1, v2, v2c resampled jointly) and :func:`paper_tests`."""
-    if len(plain["delta"]) != len(compat["delta"]):
-        raise MuscleError("paper row: v1 -> v2 and v1 -> v2c must cover the same examples")
-    samples = paper_fields(*_resampled_metrics([plain, compat], spec))
-    return Uncertainty(_intervals(samples, PAPER_CI_KEYS, spec.level), paper_tests(plain, compat))
+    row = uncertainties([], (plain, compat), spec)[1]
+    assert row is not None  # a paper pair was given
+    return row

@@ -160,6 +160,19 @@ FLIP_METRICS: dict[str, Callable[[Means], Any]] = {
 }
 # Metrics that need `correct`: None for continuous scores such as ROUGE-1.
 NEEDS_CORRECT = frozenset({"pfr", "nfr", "nfr_mc"})
+# The columns FLIP_METRICS reads (all that a bootstrap needs to resample).
+METRIC_COLUMNS = (
+    "old_score",
+    "new_score",
+    "delta",
+    "gain",
+    "regression",
+    "nf_mc",
+    "gain_smooth",
+    "regression_smooth",
+    "delta_pos",
+    "delta_neg",
+)
 
 
 def flip_metrics(means: Means) -> dict[str, Any]:

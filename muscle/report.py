@@ -7,14 +7,31 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from muscle import MuscleError
-from muscle.metrics import CompareResult, PaperRow, compare, paper_row
+from muscle.flip_stats import (
+    BootstrapSpec,
+    Interval,
+    SignTest,
+    Uncertainty,
+    uncertainties,
+)
+from muscle.flips import (
+    CompareResult,
+    PaperRow,
+    paired_columns,
+    paper_columns,
+    paper_row_from_columns,
+    result_from_columns,
+)
 from muscle.predictions import check_same_task, read_predictions
+
+TESTS_METHOD = "exact two-sided sign test (exact McNemar) on the discordant pairs b, c"
 
 
 @dataclass(frozen=True)
@@ -22,6 +39,7 @@ class Comparison:
     old: str
     new: str
     result: CompareResult
+    uncertainty: Uncertainty
 
     def to_dict(self) -> dict[str, Any]:
         return {"old": self.old, "new": self.new, **self.result.to_dict()}
@@ -33,11 +51,27 @@ class CompareReport:
     comparisons: list[Comparison]
     paper_row: PaperRow | None  # only when exactly three files: v1, v2, v2c
     labels: dict[str, str]  # file -> short column label
+    paper_uncertainty: Uncertainty | None = None  # with paper_row
+    bootstrap: BootstrapSpec = field(default_factory=BootstrapSpec)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON: ``comparisons`` and ``paper_row`` (point estimates), ``ci`` and ``tests``."""
+        pairs = [{"old": c.old, "new": c.new} for c in self.comparisons]
+        unc = [c.uncertainty for c in self.comparisons]
+        paper = self.paper_uncertainty
         return {
             "comparisons": [c.to_dict() for c in self.comparisons],
             "paper_row": self.paper_row.to_dict() if self.paper_row else None,
+            "ci": {
+                **self.bootstrap.to_dict(),
+                "comparisons": [{**p, **u.ci_dict()} for p, u in zip(pairs, unc, strict=True)],
+                "paper_row": paper.ci_dict() if paper else None,
+            },
+            "tests": {
+                "method": TESTS_METHOD,
+                "comparisons": [{**p, **u.tests_dict()} for p, u in zip(pairs, unc, strict=True)],
+                "paper_row": paper.tests_dict() if paper else None,
+            },
         }
 
 
@@ -49,25 +83,44 @@ def short_labels(paths: Sequence[str]) -> dict[str, str]:
     return stems
 
 
-def build_report(old: str, news: Sequence[str], *, intersect: bool = False) -> CompareReport:
+def build_report(
+    old: str,
+    news: Sequence[str],
+    *,
+    intersect: bool = False,
+    bootstrap: BootstrapSpec | None = None,
+) -> CompareReport:
     """Read the files, check they belong together, compare OLD with each NEW.
 
-    With exactly two NEW files (v1, v2, v2c) the report also has the paper's table row.
+    With exactly two NEW files (v1, v2, v2c) the report also has the paper's table row. Every
+    comparison gets paired bootstrap intervals and sign tests (``bootstrap``: settings, the
+    defaults of :class:`BootstrapSpec` when None); comparisons over the same examples are
+    resampled with the same drawn indices.
     """
+    spec = bootstrap or BootstrapSpec()
     if not news:
         raise MuscleError("compare needs OLD and at least one NEW predictions file")
     paths = [str(old), *map(str, news)]
     loaded = {p: read_predictions(p) for p in dict.fromkeys(paths)}
     task = check_same_task({p: meta for p, (_, meta) in loaded.items()})
     old_records = loaded[paths[0]][0]
-    comparisons = [
-        Comparison(paths[0], p, compare(old_records, loaded[p][0], intersect=intersect))
-        for p in paths[1:]
-    ]
-    row = None
+    cols = [paired_columns(old_records, loaded[p][0], intersect=intersect) for p in paths[1:]]
+    paper = None
     if len(paths) == 3:
-        row = paper_row(*(loaded[p][0] for p in paths), intersect=intersect)
-    return CompareReport(task, comparisons, row, short_labels(paths))
+        # Without --intersect all three id sets are equal: the paper row's v1 -> v2 and
+        # v1 -> v2c are the two comparisons (and are resampled once, jointly).
+        paper = (
+            paper_columns(*(loaded[p][0] for p in paths), intersect=True)
+            if intersect
+            else (cols[0], cols[1])
+        )
+    unc, row_unc = uncertainties(cols, paper, spec)
+    comparisons = [
+        Comparison(paths[0], p, result_from_columns(c), u)
+        for p, c, u in zip(paths[1:], cols, unc, strict=True)
+    ]
+    row = paper_row_from_columns(*paper) if paper else None
+    return CompareReport(task, comparisons, row, short_labels(paths), row_unc, spec)
 
 
 # ------------------------------------------------------------------------------ formatting
@@ -84,6 +137,10 @@ def fmt_pp(value: float | None, signed: bool = False) -> str:
     return f"{100 * value:+.1f} pp" if signed else f"{100 * value:.1f} pp"
 
 
+def fmt_signed_pp(value: float | None) -> str:
+    return fmt_pp(value, signed=True)
+
+
 def fmt_rel(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:+.1f}%"
 
@@ -92,11 +149,41 @@ def fmt_count(value: int | None) -> str:
     return "n/a" if value is None else str(value)
 
 
+def fmt_p(p: float) -> str:
+    """A p-value: 3 decimals, or 2 significant digits in scientific notation below 0.001."""
+    if p >= 0.001 or p == 0:
+        return f"{p:.3f}"
+    exponent = math.floor(math.log10(p))
+    return f"{p / 10**exponent:.1f}e{exponent}"
+
+
+def fmt_interval(interval: Interval | None, signed: bool) -> str:
+    """``[low, high]`` in the unit of the value beside it (x100: percent or pp)."""
+    if interval is None:
+        return ""
+    spec = "+.1f" if signed else ".1f"
+    return f" [{100 * interval.low:{spec}}, {100 * interval.high:{spec}}]"
+
+
+def fmt_test(test: SignTest | None) -> str:
+    return "n/a" if test is None else f"b={test.b} c={test.c} p={fmt_p(test.p)}"
+
+
+def _with_ci(
+    value: Any, fmt: Callable[[Any], str], ci: dict[str, Interval | None], key: str
+) -> str:
+    """``fmt(value)`` followed by the key's interval when it has one."""
+    if value is None or ci.get(key) is None:
+        return fmt(value)
+    return fmt(value) + fmt_interval(ci[key], signed=fmt is fmt_signed_pp)
+
+
 # (label, CompareResult field, formatter): the rows of the comparison table.
 COMPARE_ROWS: list[tuple[str, str, Callable[[Any], str]]] = [
     ("examples (n)", "n", fmt_count),
     ("score OLD", "old_score", fmt_pct),
     ("score NEW", "new_score", fmt_pct),
+    ("score NEW − OLD", "score_diff", fmt_signed_pp),
     ("PFR (gain)", "pfr", fmt_pct),
     ("NFR (regression)", "nfr", fmt_pct),
     ("NFR_mc (new wrong, changed)", "nfr_mc", fmt_pct),
@@ -110,27 +197,41 @@ COMPARE_ROWS: list[tuple[str, str, Callable[[Any], str]]] = [
     ("both wrong", "both_wrong", fmt_count),
 ]
 
+# (label, Uncertainty.tests key): the sign-test rows under the comparison table.
+COMPARE_TEST_ROWS = [
+    ("test gain b vs regression c", "flips"),
+    ("test D>0 b vs D<0 c", "smooth_flips"),
+]
+
 # (label, PaperRow field, formatter): the paper's Tables 3-5, v2c = compatibility model.
-PAPER_ROWS: list[tuple[str, str, Callable[[Any], str]]] = [
+PAPER_ROWS: list[tuple[str, str | tuple[str, ...], Callable[[Any], str]]] = [
     ("score v1", "score_v1", fmt_pct),
     ("score v2", "score_v2", fmt_pct),
     ("score v2c", "score_v2c", fmt_pct),
-    ("Δscore_c = v2c − v2", "delta_score_c", lambda v: fmt_pp(v, signed=True)),
+    ("Δscore_c = v2c − v2", "delta_score_c", fmt_signed_pp),
     ("NFR (v1→v2)", "nfr", fmt_pct),
     ("NFR_c (v1→v2c)", "nfr_c", fmt_pct),
-    ("ΔNFR_c", "delta_nfr_c", lambda v: fmt_pp(v, signed=True)),
+    ("ΔNFR_c", "delta_nfr_c", fmt_signed_pp),
     ("Δ%NFR_c", "rel_delta_nfr_c", fmt_rel),
     ("smooth NFR", "nfr_smooth", fmt_pct),
     ("smooth NFR_c", "nfr_smooth_c", fmt_pct),
-    ("Δ smooth NFR_c", "delta_nfr_smooth_c", lambda v: fmt_pp(v, signed=True)),
+    ("Δ smooth NFR_c", "delta_nfr_smooth_c", fmt_signed_pp),
     ("Δ% smooth NFR_c", "rel_delta_nfr_smooth_c", fmt_rel),
     ("m_g / m_g_c", ("m_g", "m_g_c"), fmt_pp),
-    ("Δm_g_c", "delta_m_g_c", lambda v: fmt_pp(v, signed=True)),
+    ("Δm_g_c", "delta_m_g_c", fmt_signed_pp),
     ("m_r / m_r_c", ("m_r", "m_r_c"), fmt_pp),
-    ("Δm_r_c", "delta_m_r_c", lambda v: fmt_pp(v, signed=True)),
+    ("Δm_r_c", "delta_m_r_c", fmt_signed_pp),
     ("NFR_mc / NFR_mc_c", ("nfr_mc", "nfr_mc_c"), fmt_pct),
     ("PFR / PFR_c", ("pfr", "pfr_c"), fmt_pct),
-    ("ΔPFR_c", "delta_pfr_c", lambda v: fmt_pp(v, signed=True)),
+    ("ΔPFR_c", "delta_pfr_c", fmt_signed_pp),
+]
+
+# (label, Uncertainty.tests key) under the paper row; b favours v2c, c favours v2.
+PAPER_TEST_ROWS = [
+    ("test ΔNFR_c: b avoided, c added", "nfr_c_vs_nfr"),
+    ("test Δscore_c: b v2c-only right, c v2-only", "score_c_vs_score"),
+    ("test Δ smooth NFR_c: b avoided, c added", "nfr_smooth_c_vs_nfr_smooth"),
+    ("test score: b v2c higher, c v2 higher", "score_sign_c_vs_score"),
 ]
 
 NA_NOTE = (
@@ -139,25 +240,42 @@ NA_NOTE = (
 )
 
 
-def _column_header(report: CompareReport, c: Comparison) -> str:
+def uncertainty_note(spec: BootstrapSpec) -> str:
+    return (
+        f"[low, high]: {100 * spec.level:g}% paired bootstrap percentile interval "
+        f"({spec.resamples} resamples, seed {spec.seed}); "
+        "test: exact two-sided sign test (McNemar) on the discordant pairs b, c"
+    )
+
+
+def comparison_label(report: CompareReport, c: Comparison) -> str:
+    """``v1 -> v2``: the column header, and how the gate names a comparison."""
     return f"{report.labels[c.old]} -> {report.labels[c.new]}"
 
 
 def compare_table(report: CompareReport) -> list[list[str]]:
     """Header + rows (metrics as rows, comparisons as columns) as strings."""
-    header = ["metric", *(_column_header(report, c) for c in report.comparisons)]
+    cs = report.comparisons
+    header = ["metric", *(comparison_label(report, c) for c in cs)]
     rows = [
-        [label, *(fmt(getattr(c.result, key)) for c in report.comparisons)]
+        [label, *(_with_ci(getattr(c.result, key), fmt, c.uncertainty.ci, key) for c in cs)]
         for label, key, fmt in COMPARE_ROWS
+    ]
+    rows += [
+        [label, *(fmt_test(c.uncertainty.tests[key]) for c in cs)]
+        for label, key in COMPARE_TEST_ROWS
     ]
     return [header, *rows]
 
 
-def paper_table(row: PaperRow) -> list[list[str]]:
+def paper_table(row: PaperRow, uncertainty: Uncertainty | None = None) -> list[list[str]]:
+    ci = uncertainty.ci if uncertainty else {}
     out = [["paper row", "value"]]
     for label, key, fmt in PAPER_ROWS:
         keys = key if isinstance(key, tuple) else (key,)
-        out.append([label, " / ".join(fmt(getattr(row, k)) for k in keys)])
+        out.append([label, " / ".join(_with_ci(getattr(row, k), fmt, ci, k) for k in keys)])
+    if uncertainty:
+        out += [[label, fmt_test(uncertainty.tests[key])] for label, key in PAPER_TEST_ROWS]
     return out
 
 
@@ -184,15 +302,16 @@ def _heading(report: CompareReport) -> list[str]:
 def render_text(report: CompareReport) -> str:
     """The human report: an aligned table, and the paper's row when there are three files."""
     parts = [*_heading(report), "", _align(compare_table(report))]
-    if _has_na(report):
-        parts.append(NA_NOTE)
     if report.paper_row is not None:
         v1, v2, v2c = report.labels.values() if len(report.labels) == 3 else ("v1", "v2", "v2c")
         parts += [
             "",
             f"Paper table row (v1 = {v1}, v2 = {v2}, v2c = {v2c}; n = {report.paper_row.n}):",
-            _align(paper_table(report.paper_row)),
+            _align(paper_table(report.paper_row, report.paper_uncertainty)),
         ]
+    parts += ["", uncertainty_note(report.bootstrap)]
+    if _has_na(report):
+        parts.append(NA_NOTE)
     return "\n".join(parts) + "\n"
 
 
@@ -212,15 +331,16 @@ def render_markdown(report: CompareReport) -> str:
         "",
         _markdown_table(compare_table(report)),
     ]
-    if _has_na(report):
-        parts += ["", NA_NOTE]
     if report.paper_row is not None:
         parts += [
             "",
             "### Paper table row (v1, v2, v2c)",
             "",
-            _markdown_table(paper_table(report.paper_row)),
+            _markdown_table(paper_table(report.paper_row, report.paper_uncertainty)),
         ]
+    parts += ["", uncertainty_note(report.bootstrap)]
+    if _has_na(report):
+        parts += ["", NA_NOTE]
     return "\n".join(parts) + "\n"
 
 
@@ -388,7 +508,7 @@ def write_plot(report: CompareReport, path: str | Path) -> None:
             _quadrant_panel(quad_ax, c.result)
         else:
             _smooth_panel(quad_ax, c.result)
-        quad_ax.set_ylabel(_column_header(report, c), fontsize=11, fontweight="bold", labelpad=12)
+        quad_ax.set_ylabel(comparison_label(report, c), fontsize=11, fontweight="bold", labelpad=12)
         _delta_panel(hist_ax, c.result)
     title = f"Update compatibility — {report.task}" if report.task else "Update compatibility"
     fig.suptitle(title, fontsize=13)
