@@ -13,6 +13,11 @@ pass counts): one torch.topk of K+1 (which also gives the row max), a row min (w
 the non-finite check), and per temperature one shift pass, an in-place exp and a row sum into
 one reused float32 workspace (lse_T is a max-shifted float32 sum-exp). The tie fix-up runs
 only on rows whose top K+1 holds two equal values.
+
+With ``negentropy=True`` (cache format 2) it also returns, per temperature, the teacher's
+negative entropy sum_j p_j log p_j over the full vocabulary: the constant part of the full KL,
+which the sampled-tail estimator does not estimate (muscle/TAIL_ESTIMATOR.md). It reuses the
+exp pass of the lse: one (C, V) difference per chunk and one dot per temperature on top.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ class TeacherTopK:
     values: Tensor  # (N, K) float32 raw logits at ids
     lse: dict[float, Tensor] = field(default_factory=dict)  # T -> (N,) float32 lse(logits / T)
     label_logit: Tensor | None = None  # (N,) float32 raw logit of the label; NaN where ignored
+    # T -> (N,) float32 sum_j p_T(j) log p_T(j) over the full vocabulary (only if asked for)
+    negent: dict[float, Tensor] = field(default_factory=dict)
 
     def logprobs(self, temperature: float) -> Tensor:
         """(N, K) float32 log-probs of the top-K at a cached temperature."""
@@ -63,8 +70,11 @@ def teacher_topk(
     k: int,
     temperatures: tuple[float, ...] = (1.0, 2.0),
     ignore_index: int = -100,
+    negentropy: bool = False,
 ) -> TeacherTopK:
-    """Top-K of dense teacher logits (N, V) of any float dtype, with labels (N,) int64."""
+    """Top-K of dense teacher logits (N, V) of any float dtype, with labels (N,) int64.
+
+    ``negentropy``: also fill ``negent`` (sum_j p_j log p_j at each temperature)."""
     if logits.dim() != 2 or not logits.is_floating_point():
         raise ValueError("logits must be a float tensor of shape (N, V)")
     n, v = logits.shape
@@ -78,27 +88,34 @@ def teacher_topk(
     if bool(((labels < 0) | (labels >= v))[valid].any()):
         raise ValueError(f"labels out of range [0, {v}) (other than ignore_index={ignore_index})")
     if n == 0:
-        return _empty(logits, k, temperatures)
+        return _empty(logits, k, temperatures, negentropy)
     # Rows at a time, so the float32 upcast and the exp workspace stay bounded.
-    rows = min(n, max(1, _CHUNK_BYTES // (4 * v * 3)))
+    rows = min(n, max(1, _CHUNK_BYTES // (4 * v * (4 if negentropy else 3))))
     # One float32 workspace for the exp passes of every chunk and temperature, instead of the
     # (C, V) temporaries of x / T and of logsumexp's x - max for each temperature.
     work = torch.empty((rows, v), dtype=torch.float32, device=logits.device)  # (C, V)
+    diff = torch.empty_like(work) if negentropy else None  # (C, V) x - max x, for negent
     scales = [1.0 / float(t) for t in temperatures]
     chunks = [slice(lo, lo + rows) for lo in range(0, n, rows)]
-    parts = [_topk_rows(logits[c], labels[c], valid[c], k, scales, work, c.start) for c in chunks]
+    parts = [
+        _topk_rows(logits[c], labels[c], valid[c], k, scales, work, diff, c.start) for c in chunks
+    ]
     ids, vals, lab = (_cat([p[i] for p in parts]) for i in (0, 1, 3))
     lse = {float(t): _cat([p[2][i] for p in parts]) for i, t in enumerate(temperatures)}
-    return TeacherTopK(ids=ids, values=vals, lse=lse, label_logit=lab)
+    negent = {}
+    if negentropy:
+        negent = {float(t): _cat([p[4][i] for p in parts]) for i, t in enumerate(temperatures)}
+    return TeacherTopK(ids=ids, values=vals, lse=lse, label_logit=lab, negent=negent)
 
 
-def _empty(logits: Tensor, k: int, temperatures: tuple[float, ...]) -> TeacherTopK:
+def _empty(logits: Tensor, k: int, temperatures: tuple[float, ...], negentropy: bool):
     none = logits.new_empty(0, dtype=torch.float32)  # (0,)
     return TeacherTopK(
         ids=logits.new_empty(0, k, dtype=torch.long),
         values=logits.new_empty(0, k, dtype=torch.float32),
         lse={float(t): none for t in temperatures},
         label_logit=none,
+        negent={float(t): none for t in temperatures} if negentropy else {},
     )
 
 
@@ -107,18 +124,32 @@ def _cat(parts: list[Tensor]) -> Tensor:
     return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts)
 
 
-def _topk_rows(logits, labels, valid, k, scales, work, row0):
-    """One row chunk: (C, V) logits -> ids, values (C, K), [lse (C,) per scale], label logit."""
+def _topk_rows(logits, labels, valid, k, scales, work, diff, row0):
+    """One row chunk: (C, V) logits -> ids, values (C, K), [lse (C,) per scale], label logit,
+    [negent (C,) per scale] (empty unless ``diff``, a (>= C, V) workspace, is given)."""
     x = logits.float()  # (C, V); no copy when the input is float32 already
     # One place past the K-th shows a tie straddling it: the (K+1)-th value equals the K-th.
     vals, ids = torch.topk(x, min(k + 1, x.shape[1]), dim=1, sorted=True)  # (C, K or K+1)
     top = vals[:, 0]  # (C,) the row max, also the lse shift; +inf shows here
     _check_finite(top, x.amin(1), row0)  # NaN propagates into the row min, -inf shows there
     ids, vals = _canonical_topk(x, vals, ids, k)  # (C, K) each
-    lse = [_shifted_lse(x, top, s, work[: len(x)]) for s in scales]  # each (C,)
+    lse, negent = [], []
+    if diff is not None:
+        # x - max x <= 0, clamped so that a spread past the float32 range stays finite (its exp
+        # is 0 at every T, and 0 * finite = 0 in the dot below)
+        d = torch.sub(x, top[:, None], out=diff[: len(x)]).clamp_(min=torch.finfo(x.dtype).min)
+    for s in scales:
+        w = work[: len(x)]
+        sum_w = _shifted_sumexp(x, top, s, w)  # (C,) >= 1; w = exp(s (x - max x)) now
+        lse.append(sum_w.log().add_(top * s))
+        if diff is not None:
+            # log p_j = s (x_j - max x) - log sum_w, so sum_j p_j log p_j = s <w, d> / sum_w
+            # - log sum_w: <w, d> is a sum of non-positive terms, no cancellation
+            dot = torch.bmm(w.unsqueeze(1), d.unsqueeze(2)).view(len(x))  # (C,) <w, d>
+            negent.append(s * dot / sum_w - sum_w.log())
     lab = x.gather(1, labels.masked_fill(~valid, 0).long()[:, None]).squeeze(1)
     lab = lab.masked_fill(~valid, float("nan"))
-    return ids, vals, lse, lab
+    return ids, vals, lse, lab, negent
 
 
 def _check_finite(row_max: Tensor, row_min: Tensor, row0: int) -> None:
@@ -130,11 +161,13 @@ def _check_finite(row_max: Tensor, row_min: Tensor, row0: int) -> None:
         raise ValueError(f"non-finite teacher logits in {len(rows)} row(s): {shown}")
 
 
-def _shifted_lse(x: Tensor, row_max: Tensor, scale: float, work: Tensor) -> Tensor:
-    """lse(x * scale) per row, shifted by the row max: (C, V), (C,) -> (C,) float32.
+def _shifted_sumexp(x: Tensor, row_max: Tensor, scale: float, work: Tensor) -> Tensor:
+    """sum_j exp(scale (x_j - max x)) per row: (C, V), (C,) -> (C,) float32, >= 1; the row's
+    lse(x * scale) is its log plus row_max * scale.
 
     scale = 1/T > 0, so max(x * scale) = max(x) * scale: one max serves every temperature.
-    The shifted logits go into the reused workspace, exp runs in place, then a row sum.
+    The shifted logits go into the reused workspace, exp runs in place (left there), then a
+    row sum.
     """
     shift = row_max * scale  # (C,)
     if scale <= 1.0:
@@ -143,7 +176,7 @@ def _shifted_lse(x: Tensor, row_max: Tensor, scale: float, work: Tensor) -> Tens
     else:
         # T < 1: x * scale may overflow float32 where x - max(x) does not; shift first
         torch.sub(x, row_max[:, None], out=work).mul_(scale)  # (C, V), every entry <= 0
-    return work.exp_().sum(1).log_().add_(shift)
+    return work.exp_().sum(1)
 
 
 def _canonical_topk(x: Tensor, vals: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:

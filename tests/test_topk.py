@@ -67,6 +67,34 @@ def test_matches_dense_torch(dtype):
     assert bool(tk.label_logit[~(y != IGN)].isnan().all())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_negentropy_matches_dense(dtype, monkeypatch):
+    import muscle.topk as topk_mod
+
+    x, y = rand_case(n=23, v=500, seed=12, dtype=dtype)
+    x[0] *= 40.0  # peaked rows: entropy ~ 0
+    x[1] *= 1e-3  # flat rows: entropy ~ log V
+    x[2] += 5e3  # a large offset: the shift must cancel exactly
+    temps = (1.0, 2.0, 0.7)
+    tk = teacher_topk(x, y, 8, temperatures=temps, negentropy=True)
+    assert teacher_topk(x, y, 8, temperatures=temps).negent == {}  # only when asked for
+    monkeypatch.setattr(topk_mod, "_CHUNK_BYTES", 4 * 500 * 4 * 5)  # 5 rows per chunk
+    chunked = teacher_topk(x, y, 8, temperatures=temps, negentropy=True)
+    for t in temps:
+        logp = torch.log_softmax(x.float().double() / t, 1)  # (N, V) float64 truth
+        want = (logp.exp() * logp).sum(1)  # sum_j p_j log p_j <= 0
+        got = tk.negent[t]
+        assert got.dtype == torch.float32 and got.shape == (23,)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=2e-6)
+        torch.testing.assert_close(chunked.negent[t], got, rtol=0, atol=0)
+        # the lse is unchanged by the option (the same sum-exp)
+        torch.testing.assert_close(tk.lse[t], teacher_topk(x, y, 8, temperatures=temps).lse[t],
+                                   rtol=0, atol=0)  # fmt: skip
+    assert float(tk.negent[1.0][1]) == pytest.approx(-math.log(500), abs=1e-3)
+    empty = teacher_topk(x[:0], y[:0], 8, temperatures=temps, negentropy=True)
+    assert empty.negent[2.0].shape == (0,)
+
+
 def test_ties_deterministic_lower_id_first():
     v = 12
     x = torch.zeros(4, v)
