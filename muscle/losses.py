@@ -30,6 +30,22 @@ Numerical conventions (normative for every implementation, the Triton kernel inc
 - ``stats.kl`` is L_comp as it enters the loss (T^2 included when asked), so
   ``loss == (1 - ce_weight) * stats.kl + ce_weight * stats.ce``.
 
+Sampled tail (cache format 2; derivation, variance and weights in muscle/TAIL_ESTIMATOR.md).
+A teacher given with a :class:`SampledTail` of M >= 1 draws x_1..x_M outside its head, each
+with p_hat_m = w_m / M (importance weight over M, ``logweights`` = log p_hat), and its negative
+entropy negent = sum_j p_j log p_j over the full vocabulary, enters with
+
+    KL_hat(p || q) = negent - sum_{j in S} p_j log q_j - sum_m p_hat_m log q_{x_m}
+
+instead of KL_S: an unbiased estimate of the full-vocabulary KL(p || q) (it can be negative).
+Its gradient, exact for every implementation, is (P_hat q_j - p_hat_j)/T with
+p_hat_j = p_j on S, the sum of p_hat_m over the draws with x_m = j (a repeated id counts with
+its multiplicity: scatter-add), 0 elsewhere, and P_hat = sum_S p + sum_m p_hat_m (E = 1; rows
+sum to 0). Draws with logweight -inf are padding. A teacher without a tail (None, or M = 0)
+keeps KL_S exactly, bit for bit; ``stats.frac_sampled`` is the fraction of tokens whose
+selected teacher used the sampled estimator. The masks are unchanged: "v1_correct" reads v1's
+head top-1 only.
+
 Implementations: ``"torch"`` is a short autograd reference; ``"chunked"`` walks the rows in
 chunks, computes the loss and the closed-form gradient in one sweep, and stores the gradient
 (N, V) in the logits' dtype so that backward is a scale by grad_output; ``"triton"`` is the
@@ -56,6 +72,26 @@ _TAIL_FLOOR = {torch.float32: 1e-30, torch.float64: 1e-290}
 _CHUNK_BYTES = 32 * 2**20
 
 
+ESTIMATORS = {
+    "kplus1": "top-K head + one exact tail bin: a lower bound of the full KL (cache format 1)",
+    "sampled_tail": "top-K head + importance-sampled tail: unbiased full KL (cache format 2)",
+    "mixed": "some tokens' teacher had a sampled tail, others not",
+}
+
+
+@dataclass(frozen=True)
+class SampledTail:
+    """One teacher's sampled tail at the training temperature, beside its head (format 2).
+
+    Built by the cache reader from the stored draws with
+    :func:`muscle.tail_sampling.tail_logweights`; see the module docstring for the estimator.
+    """
+
+    ids: Tensor  # (N, M) int: draws outside the teacher's head ids; repeats allowed
+    logweights: Tensor  # (N, M) float: log p_hat = log(w / M) per draw; -inf = padding
+    negent: Tensor  # (N,) float: sum_j p_j log p_j over the full vocabulary at T
+
+
 @dataclass(frozen=True)
 class LossStats:
     """Diagnostics from the same sweep as the loss; all detached 0-d tensors."""
@@ -64,6 +100,16 @@ class LossStats:
     ce: Tensor  # student cross entropy at T=1, mean over non-ignored tokens
     frac_v1: Tensor  # fraction of non-ignored tokens aligned toward v1 (m = 1)
     n_tokens: Tensor  # number of non-ignored tokens (int64)
+    # fraction of non-ignored tokens whose selected teacher used the sampled-tail estimator
+    frac_sampled: Tensor
+
+    @property
+    def estimator(self) -> str:
+        """Which estimator ran: a key of ESTIMATORS."""
+        f = float(self.frac_sampled)
+        if int(self.n_tokens) and 0.0 < f < 1.0:
+            return "mixed"
+        return "sampled_tail" if f > 0.0 else "kplus1"
 
     def as_dict(self) -> dict[str, float]:
         """Plain Python numbers, for a logger."""
@@ -72,6 +118,7 @@ class LossStats:
             "ce": float(self.ce),
             "frac_v1": float(self.frac_v1),
             "n_tokens": int(self.n_tokens),
+            "frac_sampled": float(self.frac_sampled),
         }
 
 
@@ -94,12 +141,16 @@ def masked_kl(
     impl: str = "auto",
     t2_scale: bool = False,
     chunk_rows: int | None = None,
+    v1_tail: SampledTail | None = None,
+    v2_tail: SampledTail | None = None,
 ) -> Tensor:
     """MUSCLE loss (1 - ce_weight) L_comp + ce_weight CE, a scalar; see the module docstring.
 
     student_logits (N, V) float; labels (N,) int64 (ignore_index rows contribute nothing);
     v*_ids (N, K*) int of any width; v*_logprobs (N, K*) float, log-probs at ``temperature``
     over the full vocabulary. ``mask``: one of MASK_MODES or a bool (N,) tensor, True = toward v1.
+    v*_tail: the teacher's sampled tail at ``temperature`` (format 2), or None for the
+    (K+1)-bin KL_S (format 1).
     """
     loss, _ = masked_kl_with_stats(
         student_logits,
@@ -115,6 +166,8 @@ def masked_kl(
         impl=impl,
         t2_scale=t2_scale,
         chunk_rows=chunk_rows,
+        v1_tail=v1_tail,
+        v2_tail=v2_tail,
     )
     return loss
 
@@ -134,28 +187,33 @@ def masked_kl_with_stats(
     impl: str = "auto",
     t2_scale: bool = False,
     chunk_rows: int | None = None,
+    v1_tail: SampledTail | None = None,
+    v2_tail: SampledTail | None = None,
 ) -> tuple[Tensor, LossStats]:
     """Like :func:`masked_kl`, also returning :class:`LossStats` computed in the same sweep."""
     _validate(
         student_logits, labels, v1_ids, v1_logprobs, v2_ids, v2_logprobs,
-        temperature, mask, ce_weight, impl, chunk_rows,
+        temperature, mask, ce_weight, impl, chunk_rows, v1_tail, v2_tail,
     )  # fmt: skip
+    # M = 0 is no tail: KL_S for that teacher, exactly as without one
+    tails = tuple(t if t is not None and t.ids.shape[1] > 0 else None for t in (v1_tail, v2_tail))
     impl = _resolve_impl(impl, student_logits)
     if impl == "triton":
         return _call_triton(
             student_logits, labels, v1_ids, v1_logprobs, v2_ids, v2_logprobs,
             temperature=temperature, mask=mask, ce_weight=ce_weight,
-            ignore_index=ignore_index, t2_scale=t2_scale,
+            ignore_index=ignore_index, t2_scale=t2_scale, v1_tail=tails[0], v2_tail=tails[1],
         )  # fmt: skip
     v1_ids, v2_ids = v1_ids.long(), v2_ids.long()
     # Teachers are constants (module docstring): detach so that no impl differentiates them.
     v1_logprobs, v2_logprobs = v1_logprobs.detach(), v2_logprobs.detach()
+    tails = tuple(_detached(t) for t in tails)
     valid = labels != ignore_index  # (N,)
     fixed_mask = _fixed_mask(mask, labels, v1_ids, v1_logprobs)  # (N,) bool or None
     if impl == "torch":
         return _masked_kl_torch(
             student_logits, labels, valid, v1_ids, v1_logprobs, v2_ids, v2_logprobs,
-            fixed_mask, temperature, ce_weight, t2_scale,
+            fixed_mask, temperature, ce_weight, t2_scale, tails,
         )  # fmt: skip
     if chunk_rows is None:
         chunk_rows = default_chunk_rows(student_logits.shape[1], student_logits.dtype)
@@ -165,10 +223,10 @@ def masked_kl_with_stats(
     outs = _ChunkedMaskedKL.apply(
         student_logits, labels, valid, v1_ids, v1_logprobs, v2_ids, v2_logprobs,
         fixed_mask, float(temperature), float(ce_weight), bool(t2_scale), int(chunk_rows),
-        want_grad,
+        want_grad, tails,
     )  # fmt: skip
-    loss, kl, ce, frac, n = outs
-    return loss, LossStats(kl=kl, ce=ce, frac_v1=frac, n_tokens=n)
+    loss, kl, ce, frac, n, frac_s = outs
+    return loss, LossStats(kl=kl, ce=ce, frac_v1=frac, n_tokens=n, frac_sampled=frac_s)
 
 
 def default_chunk_rows(vocab: int, dtype: torch.dtype) -> int:
@@ -224,13 +282,15 @@ def sequence_likelihood_mask(
 # validation and dispatch
 
 
-def _validate(z, labels, ids1, lp1, ids2, lp2, T, mask, ce_weight, impl, chunk_rows) -> None:
+def _validate(
+    z, labels, ids1, lp1, ids2, lp2, T, mask, ce_weight, impl, chunk_rows, tail1=None, tail2=None
+) -> None:
     if not isinstance(z, Tensor) or z.dim() != 2 or not z.is_floating_point():
         raise ValueError("student_logits must be a float tensor of shape (N, V)")
     n, v = z.shape
     if labels.shape != (n,) or labels.is_floating_point() or labels.dtype == torch.bool:
         raise ValueError(f"labels must be an int tensor of shape ({n},), got {tuple(labels.shape)}")
-    for name, ids, lp in (("v1", ids1, lp1), ("v2", ids2, lp2)):
+    for name, ids, lp, tail in (("v1", ids1, lp1, tail1), ("v2", ids2, lp2, tail2)):
         if ids.dim() != 2 or ids.shape[0] != n:
             raise ValueError(f"{name}_ids must have shape ({n}, K), got {tuple(ids.shape)}")
         if ids.is_floating_point() or ids.dtype == torch.bool or ids.is_complex():
@@ -248,6 +308,8 @@ def _validate(z, labels, ids1, lp1, ids2, lp2, T, mask, ce_weight, impl, chunk_r
         srt = ids.sort(dim=1).values  # (N, K): cheap next to the (N, V) work
         if bool((srt[:, 1:] == srt[:, :-1]).any()):
             raise ValueError(f"{name}_ids must be distinct within each row")
+        if tail is not None:
+            _validate_tail(name, tail, n, v, srt)
     if not (isinstance(T, (int, float)) and math.isfinite(T) and T > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {T!r}")
     if not (isinstance(ce_weight, (int, float)) and 0.0 <= ce_weight <= 1.0):
@@ -266,6 +328,41 @@ def _validate(z, labels, ids1, lp1, ids2, lp2, T, mask, ce_weight, impl, chunk_r
         raise ValueError(f"unknown impl {impl!r}; allowed: {', '.join(IMPLS)}")
     if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
+
+
+def _validate_tail(name: str, tail, n: int, v: int, head_sorted: Tensor) -> None:
+    """A teacher's SampledTail: shapes, dtypes, id range, weights, draws outside the head."""
+    if not isinstance(tail, SampledTail):
+        raise ValueError(f"{name}_tail must be a SampledTail or None, got {type(tail).__name__}")
+    ids, lw, ne = tail.ids, tail.logweights, tail.negent
+    if ids.dim() != 2 or ids.shape[0] != n:
+        raise ValueError(f"{name}_tail.ids must have shape ({n}, M), got {tuple(ids.shape)}")
+    if ids.is_floating_point() or ids.dtype == torch.bool or ids.is_complex():
+        raise ValueError(f"{name}_tail.ids must be an integer tensor, got {ids.dtype}")
+    if lw.shape != ids.shape or not lw.is_floating_point():
+        raise ValueError(f"{name}_tail.logweights must be float of shape {tuple(ids.shape)}, "
+                         f"got {lw.dtype} {tuple(lw.shape)}")  # fmt: skip
+    if ne.shape != (n,) or not ne.is_floating_point():
+        raise ValueError(f"{name}_tail.negent must be float of shape ({n},), "
+                         f"got {ne.dtype} {tuple(ne.shape)}")  # fmt: skip
+    if ids.numel() == 0:
+        return
+    if int(ids.min()) < 0 or int(ids.max()) >= v:
+        raise ValueError(f"{name}_tail.ids out of range [0, {v}) (pad with a valid id)")
+    if bool((torch.isnan(lw) | (lw == math.inf)).any()):
+        raise ValueError(f"{name}_tail.logweights must not be NaN or +inf (-inf = padding)")
+    # A real draw inside the head would count its mass twice: look each up in the sorted head.
+    ids = ids.to(head_sorted.dtype)
+    at = torch.searchsorted(head_sorted, ids).clamp_(max=head_sorted.shape[1] - 1)  # (N, M)
+    if bool(((head_sorted.gather(1, at) == ids) & (lw > -math.inf)).any()):
+        raise ValueError(f"{name}_tail.ids must lie outside {name}_ids (the head) in each row")
+
+
+def _detached(tail: SampledTail | None) -> SampledTail | None:
+    """Teacher inputs are constants: the tail's tensors, detached, ids as int64."""
+    if tail is None:
+        return None
+    return SampledTail(tail.ids.long(), tail.logweights.detach(), tail.negent.detach())
 
 
 def _resolve_impl(impl: str, z: Tensor) -> str:
@@ -296,9 +393,8 @@ def _call_triton(z, labels, ids1, lp1, ids2, lp2, **kw) -> tuple[Tensor, LossSta
     if isinstance(st, LossStats):
         return loss, st
     get = st.get if isinstance(st, dict) else lambda k: getattr(st, k)
-    stats = LossStats(
-        **{k: torch.as_tensor(get(k)).detach() for k in ("kl", "ce", "frac_v1", "n_tokens")}
-    )
+    keys = ("kl", "ce", "frac_v1", "n_tokens", "frac_sampled")
+    stats = LossStats(**{k: torch.as_tensor(get(k)).detach() for k in keys})
     return loss, stats
 
 
@@ -316,6 +412,12 @@ def _fixed_mask(mask: str | Tensor, labels: Tensor, v1_ids: Tensor, v1_lp: Tenso
     # "v1_correct": v1's top-1 (by log-prob; ties -> lowest k, as torch.argmax) equals the label
     top1 = v1_ids.gather(1, v1_lp.argmax(dim=1, keepdim=True)).squeeze(1)  # (N,)
     return top1 == labels
+
+
+def _row_sampled(m: Tensor, tails) -> Tensor:
+    """(C,) bool: the row's selected teacher (m = toward v1) has a sampled tail."""
+    out = m.clone() if tails[0] is not None else torch.zeros_like(m)
+    return out | ~m if tails[1] is not None else out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,14 +442,29 @@ def _kl_topk_torch(logq: Tensor, ids: Tensor, lp: Tensor) -> Tensor:
     return head + tail
 
 
-def _masked_kl_torch(z, labels, valid, ids1, lp1, ids2, lp2, fixed_mask, T, c, t2):
+def _kl_sampled_torch(logq: Tensor, ids: Tensor, lp: Tensor, tail: SampledTail) -> Tensor:
+    """KL_hat(p || q) per row: negent - sum_S p log q - sum_m p_hat_m log q_{x_m}. -> (N,)
+
+    gather's backward scatter-adds, so a repeated draw gets its multiplicity in the gradient.
+    """
+    p_s = lp.to(logq.dtype).exp()  # (N, K)
+    head = torch.where(p_s > 0, p_s * logq.gather(1, ids), 0.0).sum(1)
+    p_hat = tail.logweights.to(logq.dtype).exp()  # (N, M), 0 on padding
+    drawn = torch.where(p_hat > 0, p_hat * logq.gather(1, tail.ids), 0.0).sum(1)
+    return tail.negent.to(logq.dtype) - head - drawn
+
+
+def _masked_kl_torch(z, labels, valid, ids1, lp1, ids2, lp2, fixed_mask, T, c, t2, tails):
     cd = torch.float64 if z.dtype == torch.float64 else torch.float32
     zf = z.to(cd)  # (N, V)
     logq = torch.log_softmax(zf / T, dim=1)  # (N, V)
-    kl1 = _kl_topk_torch(logq, ids1, lp1)  # (N,)
-    kl2 = _kl_topk_torch(logq, ids2, lp2)  # (N,)
+    kl1, kl2 = (
+        _kl_topk_torch(logq, ids, lp) if tail is None else _kl_sampled_torch(logq, ids, lp, tail)
+        for ids, lp, tail in ((ids1, lp1, tails[0]), (ids2, lp2, tails[1]))
+    )  # (N,) each
     m = (z.argmax(1) != labels) if fixed_mask is None else fixed_mask  # (N,)
     kl = torch.where(m, kl1, kl2)  # (N,)
+    sampled = _row_sampled(m, tails)  # (N,) bool
     safe_y = labels.masked_fill(~valid, 0).long()
     ce = torch.logsumexp(zf, 1) - zf.gather(1, safe_y[:, None]).squeeze(1)  # (N,)
     n = valid.sum()
@@ -356,7 +473,9 @@ def _masked_kl_torch(z, labels, valid, ids1, lp1, ids2, lp2, fixed_mask, T, c, t
     ce_mean = torch.where(valid, ce, 0.0).sum() / denom
     loss = (1.0 - c) * kl_mean + c * ce_mean
     frac = (m & valid).sum().to(cd) / denom
-    stats = LossStats(kl=kl_mean.detach(), ce=ce_mean.detach(), frac_v1=frac, n_tokens=n)
+    frac_s = (sampled & valid).sum().to(cd) / denom
+    stats = LossStats(kl=kl_mean.detach(), ce=ce_mean.detach(), frac_v1=frac, n_tokens=n,
+                      frac_sampled=frac_s)  # fmt: skip
     return loss, stats
 
 
@@ -396,13 +515,36 @@ def _exact_tail_lse(zc: Tensor, ids: Tensor, T: float, cd: torch.dtype) -> Tenso
     return torch.logsumexp(x, dim=1)  # -inf iff the complement is empty
 
 
-def _chunk(zc, yc, wc, m, ids1, lp1, ids2, lp2, T, c, t2f, a_buf, b_buf, out):
+def _select_tail(m: Tensor, tails, cd: torch.dtype):
+    """Per row, the selected teacher's draws: ids (C, M), p_hat (C, M) in cd (0 on padding and
+    where the teacher has no tail), negent (C,) in cd (0 there). tails: the chunk's
+    SampledTail or None per teacher, not both None."""
+    c = m.shape[0]
+    width = max(t.ids.shape[1] for t in tails if t is not None)
+    parts = []
+    for t in tails:
+        ids = torch.zeros(c, width, dtype=torch.long, device=m.device)  # padding: id 0, p_hat 0
+        p_hat = torch.zeros(c, width, dtype=cd, device=m.device)
+        negent = torch.zeros(c, dtype=cd, device=m.device)
+        if t is not None:
+            k = t.ids.shape[1]
+            ids[:, :k] = t.ids
+            p_hat[:, :k] = t.logweights.to(cd).exp()
+            negent = t.negent.to(cd)
+        parts.append((ids, p_hat, negent))
+    m2 = m[:, None]
+    (i1, p1, n1), (i2, p2, n2) = parts
+    return torch.where(m2, i1, i2), torch.where(m2, p1, p2), torch.where(m, n1, n2)
+
+
+def _chunk(zc, yc, wc, m, ids1, lp1, ids2, lp2, T, c, t2f, a_buf, b_buf, out, tails=None):
     """Loss terms of one chunk; writes the chunk's gradient into ``out`` unless it is None.
 
     zc (C, V) student logits in their dtype; yc (C,) labels, 0 where ignored; wc (C,) per-row
     weight 1/n (0 where ignored); m (C,) bool toward-v1, or None for "v2c_wrong"; out (C, V)
     in the logits' dtype or None. a_buf, b_buf: (>= C, V) compute-dtype scratch (may alias).
-    Returns kl (C,), ce (C,), m (C,).
+    tails: None, or the chunk's SampledTail or None per teacher (v1, v2).
+    Returns kl (C,), ce (C,), m (C,), sampled (C,) bool.
 
     Full (C, V) passes, c = 0: copy in, max, scale+shift, exp, [CE dot], tail sum, gradient
     write. The complement sum zeroes S in place instead of masking a copy.
@@ -418,6 +560,10 @@ def _chunk(zc, yc, wc, m, ids1, lp1, ids2, lp2, T, c, t2f, a_buf, b_buf, out):
     if m is None:
         m = amax.squeeze(1) != yc
     ids, lp, real = _select_teacher(m, ids1, lp1, ids2, lp2, cd)  # (C, K)
+    sampled = None  # (C,) bool rows on the sampled-tail estimator, when there is a tail
+    if tails is not None:
+        sampled = _row_sampled(m, tails)
+        t_ids, p_hat, negent = _select_tail(m, tails, cd)  # (C, M), (C, M), (C,)
 
     # e = exp((z - max z)/T) in place, fused as z * (1/T) + (-max/T); q = e / s.
     xmax = zmax / T  # (C, 1) max of z/T
@@ -460,6 +606,8 @@ def _chunk(zc, yc, wc, m, ids1, lp1, ids2, lp2, T, c, t2f, a_buf, b_buf, out):
     p_tail = (1.0 - p_s.sum(1)).clamp(0.0, 1.0)  # (C,)
     log_q_tail = s_tail.log() - log_s  # (C,)
     fb = s_tail < _TAIL_FLOOR[cd]  # (C,) underflowed tail or empty complement: exact path
+    if sampled is not None:
+        fb &= ~sampled  # the sampled estimator has no q_tail
     fb_rows = fb.nonzero().squeeze(1)
     lse_tail_fb = None
     if fb_rows.numel():
@@ -470,8 +618,14 @@ def _chunk(zc, yc, wc, m, ids1, lp1, ids2, lp2, T, c, t2f, a_buf, b_buf, out):
     log_p_tail = p_tail.clamp_min(torch.finfo(cd).tiny).log()
     tail = torch.where(p_tail > 0, p_tail * (log_p_tail - log_q_tail), 0.0)
     kl = head + tail  # (C,)
+    if sampled is not None:
+        # KL_hat = negent - sum_S p log q - sum_m p_hat_m log q_{x_m}; P_hat for the gradient
+        lq_t = zc.gather(1, t_ids).to(cd) / T - lse[:, None]  # (C, M) log q at the draws
+        cross = torch.where(p_s > 0, p_s * lq_s, 0.0).sum(1)
+        cross = cross + torch.where(p_hat > 0, p_hat * lq_t, 0.0).sum(1)
+        kl = torch.where(sampled, negent - cross, kl)
     if not need_grad:
-        return kl, ce, m
+        return kl, ce, m, sampled
 
     # Gradient, closed form, times the row weight:
     #   KL: (P q_j - p_j)/T on S; (q_j/T)(P - p_tail/q_tail) off S, q_j/q_tail = e_j/s_tail,
@@ -479,10 +633,16 @@ def _chunk(zc, yc, wc, m, ids1, lp1, ids2, lp2, T, c, t2f, a_buf, b_buf, out):
     #       log-probs sum past 1 (clamped tail) or the complement is empty; keeping P makes
     #       this the exact derivative of the returned loss (rows sum to 0).
     #   CE: softmax(z)_j - 1[j = y] = e1_j / s1 - 1[j = y].
+    #   Sampled-tail rows: (P_hat q_j - p_hat_j)/T everywhere, P_hat = sum_S p + sum p_hat,
+    #       i.e. P_hat q / T off S, the S entries as above, minus p_hat / T scatter-added at the
+    #       draws (repeats add up: multiplicity).
     ka = wc * ((1.0 - c) * t2f / T)  # (C,)
     kb = wc * c  # (C,)
     big_p = p_s.sum(1) + p_tail  # (C,)
     ratio = torch.where(fb, 0.0, p_tail / torch.where(fb, 1.0, s_tail))  # p_tail / s_tail
+    if sampled is not None:
+        big_p = torch.where(sampled, p_s.sum(1) + p_hat.sum(1), big_p)
+        ratio = torch.where(sampled, 0.0, ratio)
     coef = ka * (big_p / s - ratio)  # (C,) off-S gradient is coef * e
     if c > 0 and T == 1.0:
         coef = coef + kb / s1  # the CE softmax is e / s too
@@ -501,25 +661,26 @@ def _chunk(zc, yc, wc, m, ids1, lp1, ids2, lp2, T, c, t2f, a_buf, b_buf, out):
         x.sub_(lse_tail_fb.clamp_min(torch.finfo(cd).min)[:, None]).exp_()
         fix = a[fb_rows] * coef[fb_rows, None] - (ka[fb_rows] * p_tail[fb_rows])[:, None] * x
         dst[fb_rows] = fix.to(dst.dtype)
+    if c > 0 and e1 is not None:
+        a.add_(e1.mul_((kb / s1)[:, None]))  # CE softmax off S; S entries reset below
+    # c > 0 always finishes in a (dst is a); c = 0 in a when out has another dtype
+    fin = out if dst is out else a
+    fin.scatter_(1, ids, g_s)
+    if sampled is not None:
+        fin.scatter_add_(1, t_ids, (-ka[:, None] * p_hat).to(fin.dtype))  # 0 on padding
     if c > 0:
-        if e1 is not None:
-            a.add_(e1.mul_((kb / s1)[:, None]))  # CE softmax off S; S entries reset below
-        a.scatter_(1, ids, g_s)
-        a.scatter_add_(1, yc[:, None], -kb[:, None])
+        fin.scatter_add_(1, yc[:, None], -kb[:, None])
+    if fin is a:
         out.copy_(a)
-    elif dst is a:
-        a.scatter_(1, ids, g_s)
-        out.copy_(a)
-    else:
-        out.scatter_(1, ids, g_s)
-    return kl, ce, m
+    return kl, ce, m, sampled
 
 
 class _ChunkedMaskedKL(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, z, labels, valid, ids1, lp1, ids2, lp2, fixed_mask, T, c, t2, chunk_rows, need_grad
-    ):
+        ctx, z, labels, valid, ids1, lp1, ids2, lp2, fixed_mask, T, c, t2, chunk_rows, need_grad,
+        tails,
+    ):  # fmt: skip
         n_rows, v = z.shape
         cd = torch.float64 if z.dtype == torch.float64 else torch.float32
         n = valid.sum()
@@ -537,21 +698,27 @@ class _ChunkedMaskedKL(torch.autograd.Function):
         kl = torch.empty(n_rows, dtype=cd, device=z.device)
         ce = torch.empty(n_rows, dtype=cd, device=z.device)
         m = torch.empty(n_rows, dtype=torch.bool, device=z.device)
+        smp = torch.zeros(n_rows, dtype=torch.bool, device=z.device)
+        any_tail = any(t is not None for t in tails)
         for lo in range(0, n_rows, rows):
             sl = slice(lo, min(lo + rows, n_rows))
             fm = None if fixed_mask is None else fixed_mask[sl]
             zc = z[sl]
-            kl[sl], ce[sl], m[sl] = _chunk(
+            tc = tuple(_rows(t, sl) for t in tails) if any_tail else None
+            kl[sl], ce[sl], m[sl], s_c = _chunk(
                 zc, safe_y[sl], w[sl], fm, ids1[sl], lp1[sl], ids2[sl], lp2[sl],
-                T, c, t2f, a_buf, b_buf, None if grad is None else grad[sl],
+                T, c, t2f, a_buf, b_buf, None if grad is None else grad[sl], tc,
             )  # fmt: skip
+            if s_c is not None:
+                smp[sl] = s_c
         kl_mean = (w * kl).where(valid, 0.0).sum() * t2f
         ce_mean = (w * ce).where(valid, 0.0).sum()
         loss = (1.0 - c) * kl_mean + c * ce_mean
         frac = (m & valid).sum().to(cd) / denom
+        frac_s = (smp & valid).sum().to(cd) / denom
         ctx.grad = grad
-        ctx.mark_non_differentiable(kl_mean, ce_mean, frac, n)
-        return loss, kl_mean, ce_mean, frac, n
+        ctx.mark_non_differentiable(kl_mean, ce_mean, frac, n, frac_s)
+        return loss, kl_mean, ce_mean, frac, n, frac_s
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
@@ -561,4 +728,11 @@ class _ChunkedMaskedKL(torch.autograd.Function):
         grad = ctx.grad
         if not (grad_loss.numel() == 1 and float(grad_loss) == 1.0):
             grad = grad * grad_loss.to(grad.dtype)
-        return (grad,) + (None,) * 12
+        return (grad,) + (None,) * 13
+
+
+def _rows(tail: SampledTail | None, sl: slice) -> SampledTail | None:
+    """The rows sl of a tail (views)."""
+    if tail is None:
+        return None
+    return SampledTail(tail.ids[sl], tail.logweights[sl], tail.negent[sl])

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from muscle.losses import (
+    SampledTail,
     default_chunk_rows,
     masked_kl,
     masked_kl_with_stats,
@@ -78,7 +79,24 @@ def ref_kl_row(zrow, ids, lp, T):
     return kl
 
 
-def ref_loss(z, labels, ids1, lp1, ids2, lp2, *, T=2.0, mask="v2c_wrong", c=0.0, t2=False):
+def ref_sampled_row(zrow, ids, lp, tail_ids, tail_lw, negent, T):
+    """The sampled-tail estimate for one row, float64, differentiable in zrow:
+    negent - sum_S p log q - sum_m p_hat_m log q_{x_m} (draw by draw, repeats included)."""
+    logq = zrow / T - torch.logsumexp(zrow / T, 0)  # (V,)
+    kl = zrow.new_zeros(()) + float(negent)
+    for k in range(ids.shape[0]):
+        p = math.exp(float(lp[k]))
+        if p > 0:
+            kl = kl - p * logq[int(ids[k])]
+    for m in range(tail_ids.shape[0]):
+        p_hat = math.exp(float(tail_lw[m]))
+        if p_hat > 0:
+            kl = kl - p_hat * logq[int(tail_ids[m])]
+    return kl
+
+
+def ref_loss(z, labels, ids1, lp1, ids2, lp2, *, T=2.0, mask="v2c_wrong", c=0.0, t2=False,
+             tails=(None, None)):  # fmt: skip
     """float64 loss, frac_v1, mean CE; the loss is differentiable in z (float64)."""
     m = ref_mask(mask, z.detach(), labels, ids1, lp1)
     kl_sum, ce_sum, n, n1 = z.new_zeros(()), z.new_zeros(()), 0, 0
@@ -88,7 +106,12 @@ def ref_loss(z, labels, ids1, lp1, ids2, lp2, *, T=2.0, mask="v2c_wrong", c=0.0,
         n += 1
         n1 += int(m[i])
         ids, lp = (ids1[i], lp1[i]) if m[i] else (ids2[i], lp2[i])
-        kl_sum = kl_sum + ref_kl_row(z[i], ids.long(), lp, T)
+        tail = tails[0] if m[i] else tails[1]
+        if tail is not None and tail.ids.shape[1] > 0:
+            kl_sum = kl_sum + ref_sampled_row(z[i], ids, lp, tail.ids[i], tail.logweights[i],
+                                              tail.negent[i], T)  # fmt: skip
+        else:
+            kl_sum = kl_sum + ref_kl_row(z[i], ids.long(), lp, T)
         ce_sum = ce_sum + torch.logsumexp(z[i], 0) - z[i, int(labels[i])]
     if n == 0:
         return z.sum() * 0.0, 0.0, 0.0
@@ -139,11 +162,11 @@ def truth(z, labels, i1, l1, i2, l2, **kw):
 
 
 def run(z, labels, i1, l1, i2, l2, *, impl, T=2.0, mask="v2c_wrong", c=0.0, t2=False,
-        chunk_rows=None, scale=1.0):  # fmt: skip
+        chunk_rows=None, scale=1.0, tails=(None, None)):  # fmt: skip
     z = z.detach().clone().requires_grad_()
     loss, st = masked_kl_with_stats(
         z, labels, i1, l1, i2, l2, temperature=T, mask=mask, ce_weight=c, t2_scale=t2,
-        impl=impl, chunk_rows=chunk_rows,
+        impl=impl, chunk_rows=chunk_rows, v1_tail=tails[0], v2_tail=tails[1],
     )  # fmt: skip
     (loss * scale).backward()
     return loss.detach(), z.grad, st
@@ -457,3 +480,137 @@ def test_sequence_likelihood_mask():
     assert eq.tolist() == [False, False]
     with pytest.raises(ValueError):
         sequence_likelihood_mask(lp1, lp2, ex[:3], valid)
+
+
+# ----------------------------------------------------------------------------------------------
+# sampled tail (cache format 2): the formula on arbitrary tails, against ref_sampled_row
+
+
+def random_tail(ids, v, m, gen, *, n_pad=1, dtype=torch.float32):
+    """A SampledTail for head ids (N, K): m draws outside the head with repeats, arbitrary
+    positive weights (log p_hat), n_pad padding draws (-inf, an id inside the head), a negent."""
+    n, k = ids.shape
+    if m == 0 or k == v:
+        return SampledTail(ids.new_zeros(n, 0), torch.zeros(n, 0, dtype=dtype),
+                           torch.zeros(n, dtype=dtype))  # fmt: skip
+    out = torch.ones(n, v, dtype=torch.bool).scatter_(1, ids.long(), False)  # (N, V) tail
+    pick = torch.multinomial(out.double(), m, replacement=True, generator=gen)  # (N, M)
+    pick[:, -1] = pick[:, 0]  # a repeated draw in every row
+    lw = (torch.rand(n, m, generator=gen, dtype=torch.float64) * 0.2).log()
+    if n_pad:
+        pick[:, 1 : 1 + n_pad] = ids[:, :1].long()  # padding: any id, weight 0
+        lw[:, 1 : 1 + n_pad] = -math.inf
+    negent = -torch.rand(n, generator=gen, dtype=torch.float64) * 3
+    return SampledTail(pick.to(ids.dtype), lw.to(dtype), negent.to(dtype))
+
+
+TAIL_CASES = [
+    # (n, v, k1, k2, m1, m2, T, mask, c, t2)
+    (37, 1000, 7, 7, 12, 12, 2.0, "v2c_wrong", 0.0, False),
+    (37, 1000, 7, 3, 12, 5, 1.0, "v2c_wrong", 0.3, False),
+    (37, 1000, 3, 7, 4, 9, 1.5, "v1_correct", 0.0, True),
+    (37, 1000, 7, 7, 8, 0, 2.0, "always_v1", 0.5, False),
+    (37, 1000, 7, 5, 0, 8, 0.7, "always_v2", 0.3, True),
+    (1, 50, 5, 5, 6, 6, 2.0, "v2c_wrong", 0.0, False),
+    (6, 3, 1, 2, 3, 2, 1.0, "v2c_wrong", 0.3, False),
+    (16, 20, 20, 4, 0, 16, 2.0, "v2c_wrong", 0.0, False),  # K = V for v1: M = 0 there
+]
+
+
+@pytest.mark.parametrize("case", TAIL_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_sampled_tail_matches_reference_float64(case):
+    n, v, k1, k2, m1, m2, T, mode, c, t2 = case
+    z, y, i1, l1, i2, l2 = make_case(n, v, k1, k2, T=T, seed=21)
+    gen = torch.Generator().manual_seed(22)
+    tails = (random_tail(i1, v, m1, gen, n_pad=int(m1 > 2)),
+             random_tail(i2, v, m2, gen, n_pad=int(m2 > 2)))  # fmt: skip
+    want, gwant, frac = truth(z, y, i1, l1, i2, l2, T=T, mask=mode, c=c, t2=t2, tails=tails)
+    base, _, _ = truth(z, y, i1, l1, i2, l2, T=T, mask=mode, c=c, t2=t2)
+    assert abs(float(want - base)) > 1e-3  # the tails change the loss
+    for impl, rows in (("torch", None), ("chunked", None), ("chunked", 1), ("chunked", 5)):
+        loss, g, st = run(z, y, i1, l1, i2, l2, impl=impl, T=T, mask=mode, c=c, t2=t2,
+                          chunk_rows=rows, tails=tails)  # fmt: skip
+        torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-12, msg=f"{impl} {rows}")
+        torch.testing.assert_close(g, gwant, rtol=1e-9, atol=1e-13, msg=f"{impl} {rows}")
+        assert float(st.frac_v1) == pytest.approx(frac)
+        assert float(loss) == pytest.approx((1 - c) * float(st.kl) + c * float(st.ce), rel=1e-12)
+        valid = y != IGN
+        m = torch.tensor(ref_mask(mode, z, y, i1, l1), dtype=torch.bool)
+        on = torch.where(m, m1 > 0 and k1 < v, m2 > 0 and k2 < v)
+        assert float(st.frac_sampled) == pytest.approx(float((on & valid).sum() / valid.sum()))
+        # the gradient sums to 0 over each row (softmax shift invariance, P_hat kept)
+        torch.testing.assert_close(g.sum(1), torch.zeros(n, dtype=g.dtype), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", ["torch", "chunked"])
+def test_sampled_tail_gradcheck(impl):
+    z, y, i1, l1, i2, l2 = make_case(5, 9, 3, 2, T=1.5, n_ignored=1)
+    l1, l2 = l1.double(), l2.double()
+    gen = torch.Generator().manual_seed(3)
+    tails = (random_tail(i1, 9, 4, gen, dtype=torch.float64),
+             random_tail(i2, 9, 3, gen, dtype=torch.float64))  # fmt: skip
+    for mode, c, t2 in (("v2c_wrong", 0.3, True), ("v1_correct", 0.0, False),
+                        ("always_v1", 1.0, False), ("always_v2", 0.0, False)):  # fmt: skip
+
+        def f(zz, mode=mode, c=c, t2=t2):
+            return masked_kl(zz, y, i1, l1, i2, l2, temperature=1.5, mask=mode, ce_weight=c,
+                             t2_scale=t2, impl=impl, chunk_rows=2, v1_tail=tails[0],
+                             v2_tail=tails[1])  # fmt: skip
+
+        assert torch.autograd.gradcheck(f, (z.clone().requires_grad_(),), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sampled_tail_low_precision_no_worse_than_torch(dtype):
+    z, y, i1, l1, i2, l2 = make_case(37, 1000, 7, 3, seed=11)
+    gen = torch.Generator().manual_seed(5)
+    tails = (random_tail(i1, 1000, 16, gen), random_tail(i2, 1000, 8, gen))
+    z = z.to(dtype)
+    for mode, c, T in (("v2c_wrong", 0.0, 2.0), ("v1_correct", 0.3, 1.0)):
+        want, gwant, _ = truth(z.double(), y, i1, l1, i2, l2, T=T, mask=mode, c=c, tails=tails)
+        gscale = float(gwant.abs().max())
+        errs = {}
+        for impl, rows in (("torch", None), ("chunked", 8)):
+            loss, g, _ = run(z, y, i1, l1, i2, l2, impl=impl, T=T, mask=mode, c=c,
+                             chunk_rows=rows, tails=tails)  # fmt: skip
+            assert loss.dtype == torch.float32 and g.dtype == dtype
+            errs[impl] = (abs(float(loss) - float(want)),
+                          float((g.double() - gwant).abs().max()) / gscale)  # fmt: skip
+        el, eg = errs["chunked"]
+        assert el <= 2 * errs["torch"][0] + 2e-6 * (1 + abs(float(want))), (mode, errs)
+        assert eg <= 2 * errs["torch"][1] + 4 * torch.finfo(dtype).eps, (mode, errs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sampled_tail_extreme_logits(dtype):
+    # |z| ~ 1e4: log q at the draws is ~ -1e4; the estimate is large and finite, no fallback
+    # path is involved (the sampled estimator has no q_tail)
+    z, y, i1, l1, i2, l2 = make_case(12, 300, 5, 3, seed=5, zscale=1e4)
+    gen = torch.Generator().manual_seed(6)
+    tails = (random_tail(i1, 300, 6, gen), random_tail(i2, 300, 6, gen))
+    z = z.to(dtype).double()
+    want, gwant, _ = truth(z, y, i1, l1, i2, l2, mask="v2c_wrong", c=0.3, tails=tails)
+    for impl in ("torch", "chunked"):
+        loss, g, _ = run(z.to(dtype), y, i1, l1, i2, l2, impl=impl, mask="v2c_wrong", c=0.3,
+                         chunk_rows=5, tails=tails)  # fmt: skip
+        assert torch.isfinite(loss) and bool(torch.isfinite(g).all())
+        torch.testing.assert_close(loss.double(), want, rtol=1e-6, atol=0)
+        torch.testing.assert_close(g.double(), gwant, rtol=1e-5, atol=1e-6)
+
+
+def test_sampled_tail_no_grad_and_all_ignored():
+    z, y, i1, l1, i2, l2 = make_case(10, 40, 4, 4)
+    gen = torch.Generator().manual_seed(7)
+    tails = dict(v1_tail=random_tail(i1, 40, 5, gen), v2_tail=random_tail(i2, 40, 5, gen))
+    want = masked_kl(z, y, i1, l1, i2, l2, impl="torch", **tails)
+    zz = z.clone().requires_grad_()
+    with torch.no_grad():
+        got = masked_kl(zz, y, i1, l1, i2, l2, impl="chunked", chunk_rows=3, **tails)
+    assert not got.requires_grad
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    y_ign = torch.full_like(y, IGN)
+    for impl in ("torch", "chunked"):
+        loss, g, st = run(z, y_ign, i1, l1, i2, l2, impl=impl, c=0.3,
+                          tails=(tails["v1_tail"], tails["v2_tail"]))  # fmt: skip
+        assert float(loss) == 0.0 and bool((g == 0).all())
+        assert float(st.frac_sampled) == 0.0 and st.estimator == "kplus1"
