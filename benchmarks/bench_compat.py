@@ -6,8 +6,8 @@
 
 Builds (or reuses, under ``--workdir``, default /tmp/bench_compat/<model>) an update v1 -> v2
 with random LoRA task adapters and a K=64 teacher cache of both, then runs the same number of
-optimizer steps of :func:`muscle.compat.train_compat_from_cache` ("cache") and
-:func:`muscle.compat.train_compat_online` ("online") on the same data config and batch size.
+optimizer steps of :func:`muscle.compat_train.train_compat_from_cache` ("cache") and
+:func:`muscle.compat_train.train_compat_online` ("online") on the same data config and batch size.
 Each run is a FRESH subprocess (so peak memory is per mode), alternating cache / online /
 cache / online ... to cancel load drift on a shared machine; medians are reported.
 
@@ -239,7 +239,8 @@ def child(args) -> None:
     import torch
     import transformers  # noqa: F401
 
-    import muscle.compat as compat
+    import muscle.compat_train as compat
+    import muscle.recipe as recipe
     import muscle.teacher_cache  # noqa: F401
     from muscle.config import CompatConfig, DataConfig, ModelSpec, TrainConfig
 
@@ -247,7 +248,7 @@ def child(args) -> None:
     base_rss = proc_status_mb("VmRSS")
     cuda = args.device.startswith("cuda")
     fit_phase: dict = {}
-    real_fit = compat.fit
+    real_fit = recipe.fit
 
     def measured_fit(*a, **kw):
         fit_phase["rss_before_fit_mb"] = proc_status_mb("VmRSS")
@@ -259,7 +260,7 @@ def child(args) -> None:
             fit_phase["fit_s"] = time.perf_counter() - t
             fit_phase["fit_hwm_mb"] = proc_status_mb("VmHWM") if fit_phase["hwm_reset"] else None
 
-    compat.fit = measured_fit
+    recipe.fit = measured_fit  # the recipe's loop, shared by both modes
     tcfg = TrainConfig(
         lr=1e-4,
         epochs=1,

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from muscle.masks import DEFAULT_MASK
 
 # The method's two numbers that several stages share; every default refers to these.
 DEFAULT_TEMPERATURE = 2.0  # paper App. A.1 (Table 7): distillation temperature T
@@ -35,6 +37,10 @@ class ModelSpec:
     revision: str | None = None
     gguf_file: str | None = None
     dtype: str = "float32"  # "float32" | "bfloat16" | "float16" | "auto"
+
+    def base_only(self) -> ModelSpec:
+        """The same base without its adapter (what an adapter is checked against)."""
+        return replace(self, adapter=None)
 
 
 @dataclass(frozen=True)
@@ -95,7 +101,7 @@ class CompatConfig:
     """The MUSCLE loss options (paper Sec. 4.1, Eq. 1-2; ablations Sec. 6.5)."""
 
     temperature: float = DEFAULT_TEMPERATURE
-    mask: str = "v2c_wrong"  # v2c_wrong | v1_correct | always_v1 | always_v2 | token_ll | seq_ll
+    mask: str = DEFAULT_MASK  # v2c_wrong | v1_correct | always_v1 | always_v2 | token_ll | seq_ll
     ce_weight: float = 0.0  # returns (1 - w) L_comp + w CE; paper's lambda = 1 - w
     t2_scale: bool = False
     impl: str = "auto"

@@ -1,7 +1,10 @@
 """Examples -> token ids + next-token labels, and batching.
 
-This is the ONE place where text becomes tokens for training: the task trainer, the teacher
-cache and the compatibility trainer all call :func:`encode_example`, so the token stream a
+This is the ONE place where text becomes tokens for training. The data path is
+``DataConfig -> splits -> encoded examples``: :func:`load_splits` (the examples of each split,
+before any model is loaded: they go into the run's identity) then :func:`encode_splits` (token
+ids and labels, once the model's context length is known). The task trainer, the compatibility
+trainer and the teacher cache all go through :func:`encode_example`, so the token stream a
 teacher was cached on is exactly the one the student is trained on.
 
 Conventions
@@ -19,14 +22,15 @@ Conventions
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from muscle import MuscleError
-from muscle.tasks import Example, Task
+from muscle.config import DataConfig
+from muscle.tasks import Example, Task, get_task, load_examples
 
 IGNORE_INDEX = -100
 log = logging.getLogger(__name__)
@@ -144,6 +148,55 @@ def encode_examples(
             max_length,
         )
     return out
+
+
+TRAINING_SPLITS = ("train", "validation")
+
+
+def load_splits(
+    cfg: DataConfig, splits: Sequence[str] = TRAINING_SPLITS
+) -> dict[str, list[Example]]:
+    """The examples of each of ``splits`` as ``cfg`` selects them (source, data dir, 80/20
+    split by ``split_seed``, ``max_examples`` cap)."""
+    task = get_task(cfg.task)
+    return {
+        s: load_examples(
+            task,
+            s,
+            source=cfg.source,
+            data_dir=cfg.data_dir,
+            val_fraction=cfg.val_fraction,
+            split_seed=cfg.split_seed,
+            max_examples=cfg.max_examples,
+        )
+        for s in splits
+    }
+
+
+def encode_splits(
+    tokenizer,
+    cfg: DataConfig,
+    examples: Mapping[str, Sequence[Example]],
+    *,
+    max_length: int | None,
+) -> dict[str, list[EncodedExample]]:
+    """Each split of :func:`load_splits` tokenized as ``cfg`` says (answer_only, truncation).
+
+    ``max_length``: the token limit in force; callers pass ``cfg.max_length`` or, when it is
+    None, the model's context (:func:`model_max_length`).
+    """
+    task = get_task(cfg.task)
+    return {
+        s: encode_examples(
+            tokenizer,
+            task,
+            ex,
+            answer_only=cfg.answer_only,
+            max_length=max_length,
+            truncation=cfg.truncation,
+        )
+        for s, ex in examples.items()
+    }
 
 
 def model_max_length(model_or_config) -> int | None:

@@ -1,27 +1,20 @@
-"""Load base models and tokenizers, attach / load / save LoRA adapters, and fingerprint them.
+"""Load base models and tokenizers; attach, load and save LoRA adapters; dtype and device.
 
 A base is a hub id (``org/name``), a local Hugging Face model directory, or a ``.gguf`` file
 (DESIGN §7: SmolLM2 and Gemma arrive as GGUF). Adapters are plain PEFT directories
 (``adapter_config.json`` + ``adapter_model.safetensors``) with a muscle sidecar,
-``muscle_adapter.json``, that records what they were trained on.
-
-Fingerprints let later stages refuse silent mixes:
-
-* :func:`tokenizer_fingerprint` hashes the vocabulary, merges and special tokens;
-* :func:`base_fingerprint` hashes a base's config and samples of every weight file: the first
-  MiB and 32 windows spread over the rest (3 MiB read per file: cheap for 7B models, yet it
-  sees changes anywhere in the tensors, e.g. a merged LoRA);
-* :func:`adapter_sha256` hashes the adapter's config and weights.
+``muscle_adapter.json``, that records what they were trained on. Fingerprints of tokenizers,
+bases and adapters are :mod:`muscle.fingerprints`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import struct
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -56,8 +49,19 @@ def resolve_dtype(name: str | torch.dtype, device: str | torch.device = "cpu") -
         ) from None
 
 
-def _split_gguf(spec: ModelSpec) -> tuple[str, str | None]:
-    """(directory or hub id, gguf file name or None)."""
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """The one device rule. ``None`` / ``"auto"``: CUDA if available, else the CPU. Under
+    torchrun a CUDA device without an index is this rank's GPU, ``cuda:LOCAL_RANK``."""
+    if device is None or device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return dev
+
+
+def split_gguf(spec: ModelSpec) -> tuple[str, str | None]:
+    """Where a base's files are: (directory or hub id, gguf file name or None)."""
     if spec.gguf_file:
         return spec.base, spec.gguf_file
     if spec.base.endswith(".gguf"):
@@ -67,7 +71,7 @@ def _split_gguf(spec: ModelSpec) -> tuple[str, str | None]:
 
 
 def check_base_exists(spec: ModelSpec) -> None:
-    base, gguf = _split_gguf(spec)
+    base, gguf = split_gguf(spec)
     if Path(base).exists():
         if gguf and not (Path(base) / gguf).is_file():
             raise MuscleError(f"GGUF file not found: {Path(base) / gguf}")
@@ -84,7 +88,7 @@ def load_tokenizer(spec: ModelSpec):
     from transformers import AutoTokenizer
 
     check_base_exists(spec)
-    base, gguf = _split_gguf(spec)
+    base, gguf = split_gguf(spec)
     kwargs = {"revision": spec.revision} if spec.revision else {}
     if gguf:
         kwargs["gguf_file"] = gguf
@@ -109,7 +113,7 @@ def load_base(spec: ModelSpec, device: str | torch.device = "cpu"):
     from transformers import AutoModelForCausalLM
 
     check_base_exists(spec)
-    base, gguf = _split_gguf(spec)
+    base, gguf = split_gguf(spec)
     dtype = resolve_dtype(spec.dtype, device)
     kwargs = {"revision": spec.revision} if spec.revision else {}
     if gguf:
@@ -161,8 +165,8 @@ def save_plain_checkpoint(spec: ModelSpec, out_dir: str | Path) -> Path:
     from transformers import AutoTokenizer
 
     out_dir = Path(out_dir)
-    base, gguf = _split_gguf(spec)
-    model = load_base(ModelSpec(spec.base, None, spec.revision, spec.gguf_file, "float32"))
+    base, gguf = split_gguf(spec)
+    model = load_base(replace(spec.base_only(), dtype="float32"))
     kwargs = {"gguf_file": gguf} if gguf else {}
     tok = AutoTokenizer.from_pretrained(base, **kwargs)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -202,24 +206,13 @@ def load_adapter(
     if not (adapter_dir / "adapter_config.json").is_file():
         raise MuscleError(f"not a PEFT adapter directory (no adapter_config.json): {adapter_dir}")
     if base_spec is not None:
+        # fingerprints builds on this module (split_gguf, the sidecar): imported when used
+        from muscle.fingerprints import check_adapter_matches_base
+
         check_adapter_matches_base(adapter_dir, base_spec)
     return PeftModel.from_pretrained(
         model, str(adapter_dir), is_trainable=trainable, adapter_name=adapter_name
     )
-
-
-def check_adapter_matches_base(adapter_dir: Path, base_spec: ModelSpec) -> None:
-    side = read_sidecar(adapter_dir)
-    if side and side.get("base", {}).get("fingerprint"):
-        want = side["base"]["fingerprint"]
-        have = base_fingerprint(base_spec)
-        # adapters saved before the fingerprint sampled whole files record the older one
-        if want != have and want != base_fingerprint(base_spec, legacy=True):
-            raise MuscleError(
-                f"adapter {adapter_dir} was trained on base {side['base'].get('path')!r} "
-                f"(fingerprint {want}), not on {base_spec.base!r} (fingerprint {have}): "
-                "pass the base it was trained on"
-            )
 
 
 def load_model(
@@ -231,96 +224,6 @@ def load_model(
         model = load_adapter(model, spec.adapter, trainable=trainable_adapter, base_spec=spec)
         model = model.to(device)
     return model
-
-
-# ------------------------------------------------------------------------------ fingerprints
-
-
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """A stable hash of what decides token ids: vocabulary, merges, special/added tokens."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        spec = json.loads(backend.to_str())
-        keep = {k: spec.get(k) for k in ("model", "added_tokens", "normalizer", "pre_tokenizer")}
-    else:  # a slow tokenizer: the vocabulary is all we can see
-        keep = {"vocab": sorted(tokenizer.get_vocab().items())}
-    keep["special"] = {
-        "bos": tokenizer.bos_token_id,
-        "eos": tokenizer.eos_token_id,
-    }
-    return _sha(json.dumps(keep, sort_keys=True, ensure_ascii=False).encode())[:16]
-
-
-def base_fingerprint(spec: ModelSpec, *, legacy: bool = False) -> str:
-    """Config + sampled bytes of each weight file (:func:`_hash_samples`), for local bases;
-    the hub id@revision otherwise. ``legacy=True``: the definition of muscle <= 249a04b (file
-    names + the first MiB of each file), which sidecars written before then record."""
-    base, gguf = _split_gguf(spec)
-    if gguf:
-        check_base_exists(spec)  # a missing .gguf is a MuscleError, not a FileNotFoundError
-    root = Path(base)
-    if not root.exists():
-        return _sha(f"hub:{base}@{spec.revision or 'main'}".encode())[:16]
-    h = hashlib.sha256()
-    files = (
-        [root / gguf]
-        if gguf
-        else sorted(
-            p
-            for p in root.iterdir()
-            if p.suffix in (".safetensors", ".bin", ".json") and p.name != SIDECAR
-        )
-    )
-    for p in files:
-        if p.name in ("config.json",) or p.suffix in (".safetensors", ".bin", ".gguf"):
-            # a GGUF is one self-contained file: its content, not its name, is the model
-            h.update(b"gguf" if p.suffix == ".gguf" and not legacy else p.name.encode())
-            h.update(str(p.stat().st_size).encode())
-            if legacy:
-                with p.open("rb") as f:
-                    h.update(f.read(_HEAD_BYTES))
-            else:
-                _hash_samples(h, p)
-    return h.hexdigest()[:16]
-
-
-_HEAD_BYTES = 1 << 20  # file headers: safetensors' tensor table, GGUF's metadata
-_WINDOW_BYTES = 1 << 16
-_WINDOWS = 32
-
-
-def _hash_samples(h, path: Path) -> None:
-    """Feed h the first MiB of a file and 32 windows of 64 KiB spread evenly over the rest (the
-    last one ends the file); files up to 4 MiB whole. Weight files store tensors one after the
-    other, so the head alone can miss what an update changes: a merged LoRA leaves the leading
-    embedding table as it was, and SmolLM2's GGUF metadata fills its first 1.7 MiB."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        if size <= 4 * _HEAD_BYTES:
-            h.update(f.read())
-            return
-        h.update(f.read(_HEAD_BYTES))
-        span = size - _HEAD_BYTES - _WINDOW_BYTES
-        for i in range(_WINDOWS):
-            f.seek(_HEAD_BYTES + span * (i + 1) // _WINDOWS)
-            h.update(f.read(_WINDOW_BYTES))
-
-
-def adapter_sha256(adapter_dir: str | Path) -> str:
-    adapter_dir = Path(adapter_dir)
-    h = hashlib.sha256()
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        p = adapter_dir / name
-        if not p.is_file():
-            raise MuscleError(f"adapter file missing: {p}")
-        with p.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------ saving
@@ -351,44 +254,19 @@ def save_adapter(peft_model, out_dir: str | Path, sidecar: dict) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def describe_model(spec: ModelSpec) -> dict:
-    """Provenance of a task model, for sidecars and cache attributes."""
-    out = {
-        "base": spec.base,
-        "revision": spec.revision,
-        "gguf_file": spec.gguf_file,
-        "base_fingerprint": base_fingerprint(spec),
-        "adapter": spec.adapter,
-        "adapter_sha256": None,
-    }
-    if spec.adapter:
-        out["adapter_sha256"] = adapter_sha256(spec.adapter)
-    return out
+# Moved to muscle.fingerprints; importable from here for one release.
+_MOVED = {
+    "tokenizer_fingerprint",
+    "base_fingerprint",
+    "adapter_sha256",
+    "describe_model",
+    "check_adapter_matches_base",
+}
 
 
-def tiny_llama(
-    vocab_size: int,
-    *,
-    hidden: int = 64,
-    layers: int = 2,
-    heads: int = 4,
-    seed: int = 0,
-    max_positions: int = 512,
-    initializer_range: float = 0.02,
-):
-    """A tiny randomly initialised Llama, for tests and examples (no download)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def __getattr__(name: str):
+    if name in _MOVED:
+        import muscle.fingerprints
 
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=max_positions,
-        tie_word_embeddings=True,
-        initializer_range=initializer_range,
-    )
-    return LlamaForCausalLM(cfg)
+        return getattr(muscle.fingerprints, name)
+    raise AttributeError(f"module 'muscle.models' has no attribute {name!r}")

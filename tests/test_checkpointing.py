@@ -15,11 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import muscle.train as train_mod
+import muscle.loop as loop_mod
 from muscle.cli.train import main as train_main
-from muscle.compat import CompatObjective, LiveTeachers
+from muscle.compat_train import CompatObjective, LiveTeachers
 from muscle.config import CompatConfig, DataConfig, LoraSpec, ModelSpec, TrainConfig
 from muscle.data import encode_examples, iter_batches
+from muscle.loop import CrossEntropyObjective, enable_gradient_checkpointing
 from muscle.models import (
     attach_lora,
     base_fingerprint,
@@ -28,16 +29,10 @@ from muscle.models import (
     load_model,
     save_adapter,
 )
+from muscle.run_dir import RunDir, read_log, train_identity
 from muscle.tasks import get_task, load_examples
 from muscle.teacher_cache import CacheConfig, CacheReader, build_cache
-from muscle.train import (
-    CrossEntropyObjective,
-    RunDir,
-    enable_gradient_checkpointing,
-    read_log,
-    train_identity,
-    train_task_adapter,
-)
+from muscle.train import train_task_adapter
 from tiny import EMBEDDED_DATA, build_tokenizer, make_model_dir, run_cli_main
 
 K = 16
@@ -163,14 +158,14 @@ def runs(base_dir, tmp_path_factory):
     spec = ModelSpec(str(base_dir))
     train_task_adapter(spec, DATA, root / "off", lora=LORA, train_cfg=CFG)
     seen = []
-    real = train_mod.enable_gradient_checkpointing
+    real = loop_mod.enable_gradient_checkpointing
 
     def spy(model):
         seen.append(model)
         real(model)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_mod, "enable_gradient_checkpointing", spy)
+        mp.setattr(loop_mod, "enable_gradient_checkpointing", spy)
         on_cfg = replace(CFG, gradient_checkpointing=True)
         train_task_adapter(spec, DATA, root / "on", lora=LORA, train_cfg=on_cfg)
     return {"off": root / "off", "on": root / "on", "spied": seen}

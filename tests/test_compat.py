@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from muscle import MuscleError
-from muscle.compat import (
+from muscle.compat_train import (
     CompatObjective,
     LiveTeachers,
     train_compat_from_cache,

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from muscle import MuscleError
 from muscle.config import TrainConfig
-from muscle.train import resolve_deepspeed_config
+from muscle.steppers import resolve_deepspeed_config
 from tiny import EMBEDDED_DATA, make_model_dir
 
 BIN = Path(sys.executable).parent
@@ -33,9 +33,9 @@ ZERO2 = {
 # killed: the run is left with the checkpoint of step 6 (--checkpoint-every 2).
 INTERRUPTED = """
 import sys
-import muscle.train
-fit = muscle.train.fit
-muscle.train.fit = lambda *a, **k: fit(*a, **(k | {"stop_after_steps": 7}))
+import muscle.recipe
+fit = muscle.recipe.fit
+muscle.recipe.fit = lambda *a, **k: fit(*a, **(k | {"stop_after_steps": 7}))
 from muscle.cli.train import main
 main(sys.argv[1:])
 """

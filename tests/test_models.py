@@ -75,3 +75,34 @@ def test_adapters_recording_the_legacy_fingerprint_still_load(tmp_path):
         else:
             with pytest.raises(MuscleError, match="was trained on base"):
                 check_adapter_matches_base(adapter, ModelSpec(str(base)))
+
+
+def test_one_device_rule(monkeypatch):
+    import torch
+
+    from muscle.models import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device(None) == torch.device("cpu") == resolve_device("auto")
+    assert resolve_device("cpu") == torch.device("cpu")
+    # Under torchrun a bare "cuda" is this rank's GPU; an explicit index is kept.
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("cuda") == torch.device("cuda", 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device(None) == torch.device("cuda", 1)
+
+
+def test_base_only_drops_just_the_adapter():
+    spec = ModelSpec("b", "a", revision="r", gguf_file="g.gguf", dtype="bfloat16")
+    assert spec.base_only() == ModelSpec(
+        "b", None, revision="r", gguf_file="g.gguf", dtype="bfloat16"
+    )
+
+
+def test_moved_fingerprints_still_import_from_models():
+    import muscle.fingerprints as F
+    import muscle.models as M
+
+    for name in ("tokenizer_fingerprint", "base_fingerprint", "adapter_sha256", "describe_model"):
+        assert getattr(M, name) is getattr(F, name)

@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 
 from muscle.cli.train import main as train_main
 from muscle.config import DataConfig, LoraSpec, ModelSpec, TrainConfig
-from muscle.train import RunDir, read_log, train_task_adapter
+from muscle.run_dir import RunDir, read_log
+from muscle.train import train_task_adapter
 from tiny import EMBEDDED_DATA, make_model_dir
 
 LORA = LoraSpec(r=8, alpha=16)
@@ -222,8 +223,8 @@ def test_logits_at_labelled_positions_only(base_dir):
     # The LM head runs on the labelled positions only (logits_to_keep), or, for a model without
     # that argument, on all of them followed by a row selection: the same (n, V) rows either way,
     # and the same gradient for the LoRA weights.
+    from muscle.forward import _KEEP_MASK_OK, logits_at
     from muscle.models import attach_lora, load_base
-    from muscle.train import _KEEP_MASK_OK, logits_at
 
     torch.manual_seed(0)
     model = attach_lora(load_base(ModelSpec(str(base_dir))), LoraSpec(r=4, alpha=8.0))
@@ -274,7 +275,7 @@ def test_an_int_for_a_float_option_is_the_same_config():
 def test_only_the_main_rank_truncates_the_log_on_resume(tmp_path, monkeypatch):
     # Every rank used to rewrite the log on resume; a rank reading it while another had just
     # emptied it wrote back an empty log (a flaky 2-rank DeepSpeed resume).
-    from muscle.train import append_log, truncate_log
+    from muscle.run_dir import append_log, truncate_log
 
     run = RunDir(tmp_path)
     for step in range(1, 8):

@@ -59,6 +59,35 @@ def build_tokenizer(vocab_size: int = 600):
     )
 
 
+def tiny_llama(
+    vocab_size: int,
+    *,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    seed: int = 0,
+    max_positions: int = 512,
+    initializer_range: float = 0.02,
+):
+    """A tiny randomly initialised Llama (no download)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        initializer_range=initializer_range,
+    )
+    return LlamaForCausalLM(cfg)
+
+
 def make_model_dir(
     path: Path,
     *,
@@ -69,8 +98,6 @@ def make_model_dir(
     init_std: float = 0.02,
 ) -> Path:
     """Save a tiny random Llama + the shared tiny tokenizer as a HF model directory."""
-    from muscle.models import tiny_llama
-
     tok = build_tokenizer(vocab_size)
     # A larger init_std gives peaked, model-specific next-token distributions (random models
     # with the default init are nearly uniform, which makes top-1 comparisons meaningless).
