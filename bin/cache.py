@@ -18,7 +18,8 @@ import sys
 import click
 
 from muscle import MuscleError
-from muscle.cli_common import run_cli
+from muscle.cli_common import data_options, run_cli
+from muscle.config import DEFAULT_TOP_K
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -44,24 +45,15 @@ def _floats(value: str | None) -> tuple[float, ...] | None:
 @click.option("--base", help="Base model: local dir, .gguf file or hub id (instead of --config).")
 @click.option("--adapter", help="PEFT adapter dir on top of --base.")
 @click.option("--name", help="Teacher name with --base: v1 or v2.")
-@click.option("--task", help="Task (default: the config's task).")
-@click.option("--source", default="local", show_default=True, type=click.Choice(["local", "hub"]))
-@click.option(
-    "--data-dir",
-    type=click.Path(file_okay=False),
-    help="Local task data: a folder laid out as DATA_FORMAT.md says (default: $MUSCLE_DATA_DIR, "
-    "else the PIQA and GSM8K shipped with muscle).",
-)
-@click.option("--val-fraction", type=float, default=0.2, show_default=True)
-@click.option("--split-seed", type=int, default=0, show_default=True)
-@click.option("--max-examples", type=int, help="Cap on the training pool (before the split).")
-@click.option("--max-length", type=int, help="Tokens per example (default: model context).")
-@click.option(
-    "--truncation", default="left", show_default=True, type=click.Choice(["left", "refuse"])
-)
-@click.option("--answer-only", is_flag=True, help="Targets on answer tokens only.")
+@data_options(task_help="Task: piqa | hellaswag | gsm8k | samsum (default: the config's task).")
 @click.option("--splits", help="Comma-separated (default train,validation).")
-@click.option("--k", "k", type=int, help="Top-K kept per token (default 64).")
+@click.option(
+    "--top-k",
+    "--k",
+    "k",
+    type=int,
+    help=f"Teacher entries kept per token (default {DEFAULT_TOP_K}); --k is its old name.",
+)
 @click.option("--temperatures", help="Cached temperatures, with 1 (default 1,2).")
 @click.option("--value-dtype", type=click.Choice(["float16", "float32"]))
 @click.option("--ids-dtype", type=click.Choice(["auto", "uint8", "uint16", "uint32", "int32"]))

@@ -4,15 +4,15 @@
     muscle-train --cache cache/piqa --out runs/piqa/v2c             # MUSCLE, from the cache
     muscle-train --online --config update.toml --task piqa --out runs/piqa/v2c-online
 
-Thin over :mod:`muscle.train` and :mod:`muscle.compat`.
+Thin over :mod:`muscle.train` and :mod:`muscle.compat_train`.
 """
 
 from __future__ import annotations
 
 import click
 
-from muscle.cli_common import run_cli
-from muscle.config import CompatConfig, DataConfig, LoraSpec, TrainConfig
+from muscle.cli_common import data_options, run_cli
+from muscle.config import DEFAULT_TOP_K, CompatConfig, DataConfig, LoraSpec, TrainConfig
 from muscle.masks import ALL_MASKS
 
 _DEF_T = TrainConfig()
@@ -21,7 +21,6 @@ _DEF_C = CompatConfig()
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--task", help="Task adapter training: piqa | hellaswag | gsm8k | samsum.")
 @click.option(
     "--cache",
     "cache_path",
@@ -61,24 +60,8 @@ _DEF_C = CompatConfig()
 @click.option(
     "--dtype", default=None, help="Base weights dtype: float32 | bfloat16 | float16 | auto."
 )
-@click.option("--source", default="local", show_default=True, type=click.Choice(["local", "hub"]))
-@click.option(
-    "--data-dir",
-    type=click.Path(),
-    help="Local task data: a folder laid out as DATA_FORMAT.md says (default: $MUSCLE_DATA_DIR, "
-    "else the PIQA and GSM8K shipped with muscle).",
-)
-@click.option("--max-examples", type=int, help="Cap the training pool (before the 80/20 split).")
-@click.option("--val-fraction", default=0.2, show_default=True, type=float)
-@click.option("--split-seed", default=0, show_default=True, type=int)
-@click.option(
-    "--max-length", type=int, help="Token limit per example (default: the model's context)."
-)
-@click.option(
-    "--truncation", default="left", show_default=True, type=click.Choice(["left", "refuse"])
-)
-@click.option(
-    "--answer-only", is_flag=True, help="Learn on answer tokens only (paper: context + answer)."
+@data_options(
+    task_help="Task adapter training (or --online's task): piqa | hellaswag | gsm8k | samsum."
 )
 @click.option("--epochs", default=_DEF_T.epochs, show_default=True, type=int)
 @click.option("--lr", default=_DEF_T.lr, show_default=True, type=float)
@@ -115,49 +98,91 @@ _DEF_C = CompatConfig()
     help="masked_kl implementation.",
 )
 @click.option(
-    "--top-k", default=64, show_default=True, type=int, help="Online mode: teacher top-K."
+    "--top-k",
+    default=DEFAULT_TOP_K,
+    show_default=True,
+    type=int,
+    help="Online mode: teacher entries kept per token (the cache's --top-k).",
 )
 @click.option(
     "--deepspeed", "deepspeed_config", type=click.Path(), help="DeepSpeed JSON config (ZeRO 0-2)."
 )
 @click.option("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available).")
 @click.option("--overwrite", is_flag=True, help="Replace a different run in --out.")
-def cli(**o) -> None:
-    modes = [bool(o["task"]) and not o["online"], bool(o["cache_path"]), o["online"]]
+def cli(
+    cache_path: str | None,
+    online: bool,
+    out: str,
+    base: str | None,
+    adapter: str | None,
+    config_path: str | None,
+    model_name: str | None,
+    v1_name: str,
+    v2_name: str,
+    dtype: str | None,
+    task: str | None,
+    source: str,
+    data_dir: str | None,
+    max_examples: int | None,
+    val_fraction: float,
+    split_seed: int,
+    max_length: int | None,
+    truncation: str,
+    answer_only: bool,
+    epochs: int,
+    lr: float,
+    grad_accum: int,
+    warmup: int,
+    weight_decay: float,
+    batch_size: int,
+    max_steps: int | None,
+    seed: int,
+    checkpoint_every: int,
+    gradient_checkpointing: bool,
+    lora_r: int,
+    lora_alpha: float,
+    lora_dropout: float,
+    temperature: float,
+    mask: str,
+    ce_weight: float,
+    t2_scale: bool,
+    impl: str,
+    top_k: int,
+    deepspeed_config: str | None,
+    device: str | None,
+    overwrite: bool,
+) -> None:
+    modes = [bool(task) and not online, bool(cache_path), online]
     if sum(modes) != 1:
         raise click.UsageError(
             "choose one mode: --task T (task adapter), --cache PATH, or --online"
         )
     train_cfg = TrainConfig(
-        lr=o["lr"],
-        epochs=o["epochs"],
-        grad_accum=o["grad_accum"],
-        warmup_steps=o["warmup"],
-        weight_decay=o["weight_decay"],
-        batch_size=o["batch_size"],
-        max_steps=o["max_steps"],
-        seed=o["seed"],
-        checkpoint_every=o["checkpoint_every"],
-        gradient_checkpointing=o["gradient_checkpointing"],
+        lr=lr,
+        epochs=epochs,
+        grad_accum=grad_accum,
+        warmup_steps=warmup,
+        weight_decay=weight_decay,
+        batch_size=batch_size,
+        max_steps=max_steps,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        gradient_checkpointing=gradient_checkpointing,
     )
     compat_cfg = CompatConfig(
-        temperature=o["temperature"],
-        mask=o["mask"],
-        ce_weight=o["ce_weight"],
-        t2_scale=o["t2_scale"],
-        impl=o["impl"],
+        temperature=temperature, mask=mask, ce_weight=ce_weight, t2_scale=t2_scale, impl=impl
     )
-    if o["cache_path"]:
-        from muscle.compat import train_compat_from_cache
+    if cache_path:
+        from muscle.compat_train import train_compat_from_cache
 
         res = train_compat_from_cache(
-            o["cache_path"],
-            o["out"],
+            cache_path,
+            out,
             train_cfg=train_cfg,
             compat_cfg=compat_cfg,
-            overwrite=o["overwrite"],
-            device=o["device"],
-            deepspeed_config=o["deepspeed_config"],
+            overwrite=overwrite,
+            device=device,
+            deepspeed_config=deepspeed_config,
         )
         click.echo(
             f"compatibility adapter: {res.out_dir} (best epoch {res.best_epoch}, "
@@ -165,37 +190,37 @@ def cli(**o) -> None:
         )
         return
     data_cfg = DataConfig(
-        task=o["task"] or "",
-        source=o["source"],
-        data_dir=o["data_dir"],
-        val_fraction=o["val_fraction"],
-        split_seed=o["split_seed"],
-        max_examples=o["max_examples"],
-        max_length=o["max_length"],
-        truncation=o["truncation"],
-        answer_only=o["answer_only"],
+        task=task or "",
+        source=source,
+        data_dir=data_dir,
+        val_fraction=val_fraction,
+        split_seed=split_seed,
+        max_examples=max_examples,
+        max_length=max_length,
+        truncation=truncation,
+        answer_only=answer_only,
     )
-    from muscle.update import resolve_model
+    from muscle.update_config import resolve_model
 
-    if o["online"]:
-        from muscle.compat import train_compat_online
+    if online:
+        from muscle.compat_train import train_compat_online
 
-        if not o["config_path"] or not o["task"]:
+        if not config_path or not task:
             raise click.UsageError("--online needs --config update.toml and --task")
-        if o["deepspeed_config"]:
+        if deepspeed_config:
             raise click.UsageError("--deepspeed is for --task and --cache training, not --online")
-        _, v1 = resolve_model(config=o["config_path"], model=o["v1_name"], dtype=o["dtype"])
-        _, v2 = resolve_model(config=o["config_path"], model=o["v2_name"], dtype=o["dtype"])
+        _, v1 = resolve_model(config=config_path, model=v1_name, dtype=dtype)
+        _, v2 = resolve_model(config=config_path, model=v2_name, dtype=dtype)
         res = train_compat_online(
             v1,
             v2,
             data_cfg,
-            o["out"],
+            out,
             train_cfg=train_cfg,
             compat_cfg=compat_cfg,
-            top_k=o["top_k"],
-            overwrite=o["overwrite"],
-            device=o["device"],
+            top_k=top_k,
+            overwrite=overwrite,
+            device=device,
         )
         click.echo(
             f"compatibility adapter (online): {res.out_dir} (best epoch {res.best_epoch}, "
@@ -205,26 +230,22 @@ def cli(**o) -> None:
     from muscle.train import train_task_adapter
 
     _, spec = resolve_model(
-        config=o["config_path"],
-        model=o["model_name"],
-        base=o["base"],
-        adapter=o["adapter"],
-        dtype=o["dtype"],
+        config=config_path, model=model_name, base=base, adapter=adapter, dtype=dtype
     )
-    if o["model_name"] and not o["adapter"]:
+    if model_name and not adapter:
         # A named model's adapter is its task adapter: training on it would be continued
         # training. Task training on a named model starts from its base.
-        spec = type(spec)(spec.base, None, spec.revision, spec.gguf_file, spec.dtype)
-    lora = LoraSpec(r=o["lora_r"], alpha=o["lora_alpha"], dropout=o["lora_dropout"])
+        spec = spec.base_only()
+    lora = LoraSpec(r=lora_r, alpha=lora_alpha, dropout=lora_dropout)
     res = train_task_adapter(
         spec,
         data_cfg,
-        o["out"],
+        out,
         lora=lora,
         train_cfg=train_cfg,
-        overwrite=o["overwrite"],
-        device=o["device"],
-        deepspeed_config=o["deepspeed_config"],
+        overwrite=overwrite,
+        device=device,
+        deepspeed_config=deepspeed_config,
     )
     click.echo(
         f"task adapter: {res.out_dir} (best epoch {res.best_epoch}, "

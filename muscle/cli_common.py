@@ -9,6 +9,9 @@ Wrap an entry point with :func:`run_cli`::
 
 ``main(args=None)`` returns the exit status (0 on success) and calls ``sys.exit`` on errors.
 Set ``MUSCLE_DEBUG=1`` to get the traceback back.
+
+:func:`data_options` declares the options of a :class:`muscle.config.DataConfig` once, for every
+command that reads task data (``muscle-train``, ``muscle-cache build``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 import click
 
 from muscle import MuscleError
+from muscle.config import DataConfig
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
@@ -87,3 +91,57 @@ def run_cli(fn: Callable[..., Any]) -> Callable[..., int]:
         return EXIT_USER_ERROR  # unreachable: fail() exits
 
     return entry
+
+
+def data_options(
+    task_help: str = "piqa | hellaswag | gsm8k | samsum.",
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A decorator adding the 9 task-data options, one per :class:`DataConfig` field, to a
+    click command (``task_help``: what ``--task`` means in that command).
+
+    The command receives them as parameters named like the fields (``task``, ``source``,
+    ``data_dir``, ``max_examples``, ``val_fraction``, ``split_seed``, ``max_length``,
+    ``truncation``, ``answer_only``): ``DataConfig(task=task, source=source, ...)``. The same
+    options in every command keep cache tokens, online tokens and task tokens identical.
+    """
+    d = DataConfig(task="")
+    options = [
+        click.option("--task", help=task_help),
+        click.option(
+            "--source", default=d.source, show_default=True, type=click.Choice(["local", "hub"])
+        ),
+        click.option(
+            "--data-dir",
+            type=click.Path(file_okay=False),
+            help="Local task data: a folder laid out as DATA_FORMAT.md says (default: "
+            "$MUSCLE_DATA_DIR, else the PIQA and GSM8K shipped with muscle).",
+        ),
+        click.option(
+            "--max-examples",
+            type=int,
+            help="Cap the training pool (before the train/validation split).",
+        ),
+        click.option("--val-fraction", default=d.val_fraction, show_default=True, type=float),
+        click.option("--split-seed", default=d.split_seed, show_default=True, type=int),
+        click.option(
+            "--max-length", type=int, help="Token limit per example (default: the model's context)."
+        ),
+        click.option(
+            "--truncation",
+            default=d.truncation,
+            show_default=True,
+            type=click.Choice(["left", "refuse"]),
+        ),
+        click.option(
+            "--answer-only",
+            is_flag=True,
+            help="Learn on answer tokens only (paper: context + answer).",
+        ),
+    ]
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):  # click applies decorators bottom-up: keep this order
+            fn = option(fn)
+        return fn
+
+    return decorate

@@ -288,3 +288,30 @@ def test_only_the_main_rank_truncates_the_log_on_resume(tmp_path, monkeypatch):
     truncate_log(run, 6)
     assert [r["step"] for r in read_log(run)] == list(range(1, 7))
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_train_and_cache_read_the_same_data_options():
+    # One option group for the task data: muscle-train and muscle-cache build declare the same
+    # options (names, defaults, types), one per DataConfig field, so their tokens cannot drift.
+    from dataclasses import fields
+
+    from muscle.cli.cache import build_cmd
+    from muscle.cli.train import cli as train_cli
+
+    def data_params(cmd):
+        names = {f.name for f in fields(DataConfig)}
+        return {
+            p.name: (p.opts, p.default, type(p.type).__name__)
+            for p in cmd.params
+            if p.name in names
+        }
+
+    train, cache = data_params(train_cli), data_params(build_cmd)
+    assert set(train) == {f.name for f in fields(DataConfig)}
+    assert train == cache
+    d = DataConfig(task="piqa")
+    assert train["val_fraction"][1] == d.val_fraction and train["truncation"][1] == d.truncation
+    # K has one name, --top-k, in both commands; the cache keeps --k as an alias.
+    (k,) = [p for p in build_cmd.params if p.name == "k"]
+    assert k.opts[0] == "--top-k" and "--k" in k.opts
+    assert any(p.opts == ["--top-k"] for p in train_cli.params)
