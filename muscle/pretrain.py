@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from muscle.fingerprints import tokenizer_fingerprint
+
 EMBEDDED_DATA = Path(__file__).resolve().parent / "embedded" / "data"
 META_FILE = "muscle_pretrain.json"
 FORMAT_VERSION = 1
@@ -278,10 +280,6 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, out_dir: str | Path):
     return AutoTokenizer.from_pretrained(out_dir)
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
-    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------
 # Data: documents -> packed blocks
 # ---------------------------------------------------------------------------------------------
@@ -387,12 +385,12 @@ def pretrain(
     out_dir = Path(out_dir)
     parent_fp = _read_meta(Path(init_from))["fingerprint"] if init_from is not None else None
     corpus_fp = _sha256_texts(["train", *texts, "heldout", *heldout])
-    fingerprint = _fingerprint(
-        {"kind": "model", "config": dataclasses.asdict(config), "init_from": parent_fp},
-        corpus_fp,
-        tokenizer_fingerprint(tokenizer),
-    )
-    if _is_done(out_dir, fingerprint):
+    spec = {"kind": "model", "config": dataclasses.asdict(config), "init_from": parent_fp}
+    fingerprint = _fingerprint(spec, corpus_fp, tokenizer_fingerprint(tokenizer))
+    # Models built before pretrain shared muscle.fingerprints recorded the older tokenizer hash
+    # in their stage fingerprint: they are the same models, so they are reused as they are.
+    legacy = _fingerprint(spec, corpus_fp, tokenizer_fingerprint(tokenizer, legacy_pretrain=True))
+    if _is_done(out_dir, fingerprint) or _is_done(out_dir, legacy):
         return out_dir
 
     with _num_threads(config.threads):

@@ -1,5 +1,6 @@
 """The embedded model pair: tokenizer, corpus hygiene, the "test" profile pair, caching."""
 
+import dataclasses
 import json
 import math
 import shutil
@@ -146,3 +147,35 @@ def test_killed_run_is_cleaned_up_and_rebuilt(pair, monkeypatch):
     assert not tmp.exists()
     assert (v2 / "model.safetensors").read_bytes() == weights  # same seed: the same model
     AutoModelForCausalLM.from_pretrained(v2)
+
+
+def test_pair_built_with_the_old_tokenizer_hash_is_reused(pair, monkeypatch):
+    # Before pretrain shared muscle.fingerprints, a stage's fingerprint held the sha256 of the
+    # tokenizer's whole backend JSON. Pairs built then (e.g. runs/demo/models) must be reused as
+    # they are, not retrained: rewrite both metas the old way and build again.
+    import hashlib
+
+    from muscle.fingerprints import tokenizer_fingerprint
+
+    root, v1, v2 = pair
+    tok = AutoTokenizer.from_pretrained(root / "tokenizer")
+    old_tok = hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest()
+    assert tokenizer_fingerprint(tok, legacy_pretrain=True) == old_tok
+    prof = P.PROFILES["test"]()
+    corpus = P.build_corpus(heldout_articles=prof.heldout_articles, max_docs=prof.max_docs)
+    corpus_fp = P._sha256_texts(["train", *corpus.train, "heldout", *corpus.heldout])
+    parent = None
+    for d, cfg in ((v1, prof.v1), (v2, prof.v2)):
+        meta = json.loads((d / P.META_FILE).read_text())
+        assert meta["tokenizer_fingerprint"] == tokenizer_fingerprint(tok)  # the one, 16 hex
+        spec = {"kind": "model", "config": dataclasses.asdict(cfg), "init_from": parent}
+        meta["fingerprint"] = P._fingerprint(spec, corpus_fp, old_tok)
+        meta["tokenizer_fingerprint"] = old_tok
+        (d / P.META_FILE).write_text(json.dumps(meta))
+        parent = meta["fingerprint"]
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a pair built before the change was retrained")
+
+    monkeypatch.setattr(P, "_train_loop", no_training)
+    assert P.build_model_pair(root, profile="test", progress=False) == (v1, v2)
