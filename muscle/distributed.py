@@ -4,15 +4,26 @@ Under ``torchrun --nproc_per_node N`` every rank sees RANK / WORLD_SIZE / LOCAL_
 environment. Each rank takes its own slice of every *global* batch (``batch_size`` examples per
 rank), so N ranks with batch size B follow the same trajectory as one process with batch N*B.
 Rank 0 alone writes logs, checkpoints and the adapter.
+
+Jobs that only need to agree, not to reduce (the cache build: ranks write disjoint shards),
+join with :func:`process_group` (gloo on any device) and let the main rank decide what touches
+shared files with :func:`on_main`, so no other rank ever looks at a half-made output.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+from muscle import MuscleError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -55,6 +66,47 @@ def init(device: torch.device, *, always: bool = False) -> DistInfo:
         os.environ.setdefault("WORLD_SIZE", "1")
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
     return info
+
+
+@contextmanager
+def process_group(backend: str = "gloo") -> Iterator[DistInfo]:
+    """Join torchrun's process group for the ``with`` body (nothing outside torchrun), and
+    leave it afterwards if this call joined it. gloo by default: barriers and small objects
+    only, on any device."""
+    info = dist_info()
+    joined = info.enabled and not dist.is_initialized()
+    if joined:
+        dist.init_process_group(backend=backend)
+    try:
+        yield info
+    finally:
+        if joined:
+            dist.destroy_process_group()
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """``fn()`` on the main rank only; every rank returns its result (which must pickle).
+
+    The other ranks wait for it, so they never see what the main rank is still creating. An
+    error on the main rank is raised on every rank, as a MuscleError with the same line (and
+    the original exception on the main rank): no rank waits forever for a main rank that
+    refused.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return fn()
+    box: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except Exception as e:
+            box[0] = ("error", str(e) if isinstance(e, MuscleError) else f"{type(e).__name__}: {e}")
+            dist.broadcast_object_list(box, src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise MuscleError(f"rank 0: {value}")
+    return value
 
 
 def barrier() -> None:

@@ -1,0 +1,452 @@
+"""``build_cache``: add one teacher to a cache, creating the cache (and its token stream) if it
+is new, resuming a partial build of the same teacher, refusing to mix incompatible teachers.
+
+The build works in *units* of one shard: a unit's examples are forwarded, its arrays written
+whole, fsync'ed, and only then its ``done`` bits set (``write.py``). Units are independent, so a
+killed build resumes at the first unit not done, and ``torchrun`` ranks take disjoint unit
+ranges (rank 0 alone creates the root and the teacher group; the others wait for it).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from muscle import MuscleError, __version__, distributed
+from muscle.config import DataConfig, ModelSpec
+from muscle.teacher_cache.compute import (
+    _default_device,
+    _plan_batches,
+    _unit_examples,
+    check_path_on,
+    compute_unit,
+)
+from muscle.teacher_cache.schema import (
+    FORMAT_VERSION,
+    SCHEMAS,
+    CacheConfig,
+    ids_dtype_for,
+)
+from muscle.teacher_cache.store import open_group, read_meta
+from muscle.teacher_cache.stream import make_stream
+from muscle.teacher_cache.write import (
+    _create_teacher,
+    _remove_partials,
+    _teacher_layout_ok,
+    _write_unit,
+    finish_teacher,
+    prepare_root,
+)
+
+log = logging.getLogger(__name__)
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass
+class BuildResult:
+    path: Path
+    teacher: str
+    n_tokens: int
+    n_examples: int
+    units_built: int
+    units_total: int
+    seconds: float
+    tokens_per_s: float
+    resumed: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def rank_units(n_units: int, rank: int, world_size: int) -> range:
+    """Contiguous, balanced unit (shard) ranges: rank r builds units [a_r, a_{r+1})."""
+    a = n_units * rank // world_size
+    b = n_units * (rank + 1) // world_size
+    return range(a, b)
+
+
+# ================================================================ refusing to mix
+
+
+def _refuse(path: Path, name: str, what: str, mine: Any, theirs: Any, hint: str = "") -> None:
+    raise MuscleError(
+        f"refusing to add teacher {name!r} to {path}: its {what} ({mine}) differs from the "
+        f"cache's ({theirs}); {hint or 'build it into a new --out directory'} "
+        "(or pass --overwrite to discard the whole cache)"
+    )
+
+
+def check_compatible(path: Path, name: str, meta: dict, new: dict) -> None:
+    """Refuse to mix: format, K, tokenizer, dataset, split or token stream differing from the
+    cache's."""
+    if meta.get("format") != new["format"]:
+        _refuse(path, name, "cache format", new["format"], meta.get("format"))
+    if int(meta["k"]) != int(new["k"]):
+        _refuse(path, name, "K", new["k"], meta["k"], "pass the cache's --k")
+    for key in ("temperatures", "chunk_tokens", "shard_chunks"):
+        if meta[key] != new[key]:
+            _refuse(path, name, key.replace("_", " "), new[key], meta[key])
+    if meta["tokenizer_fingerprint"] != new["tokenizer_fingerprint"]:
+        _refuse(
+            path,
+            name,
+            "tokenizer fingerprint",
+            new["tokenizer_fingerprint"],
+            meta["tokenizer_fingerprint"],
+            "teachers of one cache must share a tokenizer",
+        )
+    if meta["task"] != new["task"]:
+        _refuse(path, name, "task", new["task"], meta["task"])
+    old_dc, new_dc = meta["data_config"], new["data_config"]
+    if meta["splits"] != new["splits"]:
+        _refuse(path, name, "splits", new["splits"], meta["splits"])
+    for key in ("val_fraction", "split_seed"):
+        if old_dc.get(key) != new_dc.get(key):
+            _refuse(path, name, f"split ({key})", new_dc.get(key), old_dc.get(key))
+    for s in meta["splits"]:
+        a, b = meta["dataset_fingerprints"].get(s), new["dataset_fingerprints"].get(s)
+        if a != b:
+            _refuse(
+                path,
+                name,
+                f"dataset fingerprint of split {s}",
+                b,
+                a,
+                "the task data or --max-examples differ",
+            )
+    if "stream_fingerprint" in new and meta.get("stream_fingerprint") != new["stream_fingerprint"]:
+        _refuse(
+            path,
+            name,
+            "token stream fingerprint",
+            new["stream_fingerprint"],
+            meta.get("stream_fingerprint"),
+            "tokenization options (--max-length, --truncation, --answer-only) differ",
+        )
+
+
+# ================================================================ build
+
+
+def _check_name(name: str) -> None:
+    if not _NAME_RE.match(name or ""):
+        raise MuscleError(f"bad teacher name {name!r}: use letters, digits, '_', '-', '.'")
+
+
+def _check_writable(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise MuscleError(f"cannot write the cache at {path}: {e.strerror or e}") from None
+
+
+def _effective_dtype(spec: ModelSpec, dtype: str | None) -> str:
+    """Explicit --dtype, else a non-default dtype from the update config, else auto."""
+    if dtype:
+        return dtype
+    return spec.dtype if spec.dtype not in (None, "float32") else "auto"
+
+
+def build_cache(
+    path: str | Path,
+    name: str,
+    spec: ModelSpec,
+    data: DataConfig,
+    cfg: CacheConfig | None = None,
+    *,
+    overwrite: bool = False,
+    device: str | None = None,
+    dtype: str | None = None,
+    progress: bool = True,
+) -> BuildResult:
+    """Add teacher ``name`` (the model ``spec``) to the cache at ``path``, building the token
+    stream first if the cache is new. Resumes a partial build of the same teacher.
+
+    Under ``torchrun`` (WORLD_SIZE > 1) every rank calls this; each writes its own shards.
+    """
+    from muscle.data import encode_examples, model_max_length
+    from muscle.models import (
+        describe_model,
+        load_model,
+        load_tokenizer,
+        resolve_dtype,
+        tokenizer_fingerprint,
+    )
+    from muscle.tasks import dataset_fingerprint, get_task, load_examples
+
+    t_start = time.time()
+    path = Path(path)
+    cfg = cfg or CacheConfig()
+    cfg.validate()
+    _check_name(name)
+    schema = SCHEMAS[FORMAT_VERSION]
+    with distributed.process_group("gloo") as dist:
+        device = device or _default_device()
+        if dist.world_size > 1 and device.startswith("cuda") and ":" not in device:
+            device = f"cuda:{dist.local_rank}"
+        dtype_name = _effective_dtype(spec, dtype)
+        resolved = resolve_dtype(dtype_name, device)
+        spec = replace(spec, dtype=str(resolved).replace("torch.", ""))
+
+        # --- what this teacher would add: checked against the cache before any model load
+        task = get_task(data.task)
+        tok = load_tokenizer(spec)
+        examples = {
+            s: load_examples(
+                task,
+                s,
+                source=data.source,
+                data_dir=data.data_dir,
+                val_fraction=data.val_fraction,
+                split_seed=data.split_seed,
+                max_examples=data.max_examples,
+            )
+            for s in cfg.splits
+        }
+        new = {
+            "format": schema.format,
+            "task": task.name,
+            "k": cfg.k,
+            "temperatures": [float(t) for t in cfg.temperatures],
+            "splits": list(cfg.splits),
+            "chunk_tokens": cfg.chunk_tokens,
+            "shard_chunks": cfg.shard_chunks,
+            "tokenizer_fingerprint": tokenizer_fingerprint(tok),
+            "dataset_fingerprints": {
+                s: dataset_fingerprint(task, ex) for s, ex in examples.items()
+            },
+            "data_config": asdict(data),
+        }
+        _check_writable(path)
+        meta = _existing_meta(path, overwrite)
+        if meta is not None and _mismatch(path, name, meta, new):
+            if not overwrite:
+                check_compatible(path, name, meta, new)  # raises, saying what differs
+            log.warning("--overwrite: discarding the whole cache at %s (it does not match)", path)
+            meta = None  # prepare_root deletes it (rank 0, after the barrier below)
+        if meta is not None and data.max_length is None:
+            data = replace(data, max_length=meta["data_config"]["max_length"])
+        tmeta = _existing_teacher(path, name) if meta is not None else None
+        if tmeta is not None and tmeta.get("complete") and not overwrite:
+            # The same command run again is a no-op (pipelines re-run finished stages); a
+            # complete teacher of another model under this name needs --overwrite.
+            if tmeta.get("model", {}) != describe_model(spec) | {"dtype": spec.dtype}:
+                raise MuscleError(
+                    f"teacher {name!r} is already complete in {path}, built from another model "
+                    f"({tmeta.get('model', {}).get('base')}, adapter "
+                    f"{tmeta.get('model', {}).get('adapter')}): pass --overwrite to rebuild it"
+                )
+            return BuildResult(
+                path, name, 0, 0, 0, 0, time.time() - t_start, 0.0, extra={"skipped": True}
+            )
+
+        # --- the teacher and the token stream
+        model = load_model(spec, device)
+        vocab = int(model.get_output_embeddings().weight.shape[0])
+        if cfg.k > vocab:
+            raise MuscleError(f"K={cfg.k} is larger than the vocabulary of {name} ({vocab})")
+        if data.max_length is None:
+            data = replace(data, max_length=model_max_length(model))
+        encoded = {
+            s: encode_examples(
+                tok,
+                task,
+                ex,
+                answer_only=data.answer_only,
+                max_length=data.max_length,
+                truncation=data.truncation,
+            )
+            for s, ex in examples.items()
+        }
+        stream = make_stream(encoded)
+        new["data_config"] = asdict(data)
+        new["stream_fingerprint"] = stream.fingerprint()
+        if meta is not None and meta.get("stream_fingerprint") != new["stream_fingerprint"]:
+            if not overwrite:
+                check_compatible(path, name, meta, new)
+            log.warning("--overwrite: discarding the whole cache at %s (other tokens)", path)
+            meta, tmeta = None, None
+        ids_dt = ids_dtype_for(vocab, cfg.ids_dtype)
+        model_info = describe_model(spec) | {"dtype": spec.dtype}
+        if tmeta is not None and not overwrite and not tmeta.get("complete"):
+            if tmeta.get("model", {}) != model_info:
+                raise MuscleError(
+                    f"{path} holds a partial build of teacher {name!r} from another model "
+                    f"({tmeta.get('model', {}).get('base')}, adapter "
+                    f"{tmeta.get('model', {}).get('adapter')}): pass --overwrite to replace it"
+                )
+        distributed.barrier()  # every rank has passed the checks before anything is written
+
+        tdir = path / "teachers" / name
+        try:
+            if dist.rank == 0:
+                root = prepare_root(path, stream, new, meta, cfg, schema)
+                tattrs = {
+                    "name": name,
+                    "format": schema.format,
+                    "complete": False,
+                    "model": model_info,
+                    "vocab_size": vocab,
+                    "ids_dtype": str(ids_dt),
+                    "value_dtype": cfg.value_dtype,
+                    "value_kind": "logprob_t1",
+                    "codec": {"blosc": cfg.codec, "clevel": cfg.clevel, "shuffle": cfg.shuffle},
+                    "k": cfg.k,
+                    "temperatures": [float(t) for t in cfg.temperatures],
+                    "tokenizer_fingerprint": new["tokenizer_fingerprint"],
+                    "stream_fingerprint": new["stream_fingerprint"],
+                    "muscle_version": __version__,
+                }
+                resumable = (
+                    tmeta is not None
+                    and not overwrite
+                    and not tmeta.get("complete")
+                    and _teacher_layout_ok(
+                        root["teachers"][name], cfg, stream.n_tokens, ids_dt, schema
+                    )
+                )
+                if resumable:
+                    _remove_partials(tdir)
+                else:
+                    _create_teacher(root, name, cfg, stream.n_tokens, ids_dt, tattrs, schema)
+            distributed.barrier()
+            root = open_group(path, "r+")
+            tg = root["teachers"][name]
+            done = tg[schema.done.name][:]
+            n_units = max(1, math.ceil(stream.n_tokens / cfg.shard_tokens))
+            mine = rank_units(n_units, dist.rank, dist.world_size)
+            todo = [u for u in mine if not _unit_done(done, u, cfg)]
+            resumed = len(todo) < len(mine)
+            n_todo_tokens = sum(_unit_span(u, cfg, stream.n_tokens) for u in todo)
+            model_dev = device
+            if todo:
+                first = _plan_batches(
+                    np.diff(stream.offsets),
+                    _unit_examples(stream.offsets, *_unit_range(todo[0], cfg, stream.n_tokens)),
+                    cfg.batch_size,
+                )[0][:2]
+                check_path_on(model, stream, first, model_dev, tok.pad_token_id, resolved)
+            bar = _progress_bar(n_todo_tokens, name, enabled=progress and dist.rank == 0)
+            t0 = time.time()
+            for u in todo:
+                lo, hi = _unit_range(u, cfg, stream.n_tokens)
+                res = compute_unit(
+                    model,
+                    stream,
+                    lo,
+                    hi,
+                    cfg,
+                    device=model_dev,
+                    ids_dtype=ids_dt,
+                    pad_id=tok.pad_token_id,
+                    progress=bar,
+                    schema=schema,
+                )
+                _write_unit(tg, tdir, u, res, cfg, schema)
+            secs = time.time() - t0
+            if bar is not None:
+                bar.close()
+            distributed.barrier()
+            if dist.rank == 0:
+                finish_teacher(tg, name, stream, cfg, dist.world_size, device, secs, n_todo_tokens)
+        except OSError as e:
+            raise MuscleError(
+                f"writing the cache at {path} failed: {e.strerror or e}"
+                f"{' (' + str(e.filename) + ')' if e.filename else ''}; the build is resumable: "
+                "fix that and re-run the same command"
+            ) from None
+        total = time.time() - t_start
+        return BuildResult(
+            path,
+            name,
+            stream.n_tokens,
+            stream.n_examples,
+            len(todo),
+            len(mine),
+            total,
+            n_todo_tokens / max(secs, 1e-9),
+            resumed,
+        )
+
+
+def _unit_range(u: int, cfg: CacheConfig, n_tokens: int) -> tuple[int, int]:
+    lo = u * cfg.shard_tokens
+    return lo, min(lo + cfg.shard_tokens, max(n_tokens, 1))
+
+
+def _unit_span(u: int, cfg: CacheConfig, n_tokens: int) -> int:
+    lo, hi = _unit_range(u, cfg, n_tokens)
+    return hi - lo
+
+
+def _unit_done(done: np.ndarray, u: int, cfg: CacheConfig) -> bool:
+    c0 = u * cfg.shard_chunks
+    return bool(done[c0 : c0 + cfg.shard_chunks].all())
+
+
+def _progress_bar(total: int, name: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        unit="tok",
+        unit_scale=True,
+        desc=f"cache {name}",
+        file=sys.stderr,
+        smoothing=0.1,
+    )
+
+
+def _existing_meta(path: Path, overwrite: bool) -> dict | None:
+    if not path.exists():
+        return None
+    if not path.is_dir():
+        raise MuscleError(f"cannot write the cache at {path}: not a directory")
+    if not any(path.iterdir()):
+        return None
+    try:
+        meta = read_meta(path)
+    except MuscleError as e:
+        if overwrite and not (path / "zarr.json").is_file():
+            raise MuscleError(
+                f"{path} exists and is not a muscle cache: refusing to delete it even with "
+                "--overwrite; choose another --out"
+            ) from None
+        if overwrite:
+            return {"_foreign": True}
+        raise MuscleError(f"{e}; choose another --out (or --overwrite)") from None
+    if not meta.get("stream_complete"):
+        return None  # an interrupted first build: the stream is rewritten, teachers too
+    return meta
+
+
+def _mismatch(path: Path, name: str, meta: dict, new: dict) -> bool:
+    if meta.get("_foreign"):
+        return True
+    try:
+        check_compatible(
+            path, name, meta, {k: v for k, v in new.items() if k != "stream_fingerprint"}
+        )
+        return False
+    except MuscleError:
+        return True
+
+
+def _existing_teacher(path: Path, name: str) -> dict | None:
+    tdir = path / "teachers" / name
+    if not (tdir / "zarr.json").is_file():
+        return None
+    return dict(open_group(tdir).attrs).get("muscle_teacher") or {"complete": False}

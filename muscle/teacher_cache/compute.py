@@ -1,0 +1,158 @@
+"""What a teacher stores for one unit (shard) of the stream: its forward pass over the unit's
+examples, in a fixed length-sorted batch order, and the top-K values of each position."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+
+from muscle import MuscleError
+from muscle.teacher_cache.schema import FORMAT_1, SPLIT_CODES, CacheConfig, Dims, Schema
+from muscle.teacher_cache.stream import StreamData
+
+
+def _default_device() -> str:
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return "cpu"
+
+
+def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Logits of the real (unpadded) positions, row-major: (B, T) -> (N_real, V).
+
+    Runs the decoder, then the output head on the real positions only, so padding costs no
+    head FLOPs and no (B, T, V) tensor is made.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)
+    h = hidden.last_hidden_state[attention_mask.bool()]  # (N_real, H)
+    logits = base.get_output_embeddings()(h)  # (N_real, V)
+    cap = getattr(base.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _check_forward_path(model, input_ids, attention_mask, tol: float) -> None:
+    """Our decoder+head path must agree with the model's own forward (guards exotic heads)."""
+    ours = forward_logits(model, input_ids, attention_mask).float()
+    ref = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    ref = ref[attention_mask.bool()].float()
+    rows = torch.isfinite(ref).all(1)  # NaN/inf rows are reported by the build, by example
+    err = (ours[rows] - ref[rows]).abs().max().item() if rows.any() else 0.0
+    if not err <= tol:
+        raise MuscleError(
+            f"{type(model).__name__}: the cache's decoder+head logits differ from the model's "
+            f"forward by {err:.3g}; this model architecture is not supported by muscle-cache"
+        )
+
+
+def check_path_on(model, stream: StreamData, examples, device, pad_id, dtype) -> None:
+    """``_check_forward_path`` on a few real examples of the stream."""
+    off = stream.offsets
+    lengths = np.diff(off)
+    T = int(lengths[examples].max())
+    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    m = torch.zeros_like(x)
+    for b, e in enumerate(examples):
+        n = int(lengths[e])
+        x[b, :n] = torch.from_numpy(stream.input_ids[off[e] : off[e + 1]].astype(np.int64))
+        m[b, :n] = 1
+    tol = 1e-3 if dtype == torch.float32 else 0.25
+    with torch.no_grad():
+        _check_forward_path(model, x.to(device), m.to(device), tol)
+
+
+def _plan_batches(lengths: np.ndarray, examples: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Examples of one unit grouped into batches of similar length (stable, deterministic)."""
+    order = examples[np.argsort(-lengths[examples], kind="stable")]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _unit_examples(offsets: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Examples overlapping tokens [lo, hi): offsets[e] < hi and offsets[e+1] > lo."""
+    first = int(np.searchsorted(offsets, lo, side="right")) - 1
+    last = int(np.searchsorted(offsets, hi, side="left"))
+    return np.arange(max(first, 0), min(last, len(offsets) - 1))
+
+
+class UnitResult(dict):
+    """Teacher array name -> its rows for one unit, (S, ...): one entry per data array of the
+    teacher schema (``UnitResult(ids=..., logprobs=..., ...)``)."""
+
+    @classmethod
+    def allocate(cls, schema: Schema, dims: Dims, n_rows: int) -> UnitResult:
+        return cls(
+            {a.name: np.zeros((n_rows, *dims.cols(a)), dtype=dims.dtype(a)) for a in schema.teacher}
+        )
+
+
+def compute_unit(
+    model,
+    stream: StreamData,
+    lo: int,
+    hi: int,
+    cfg: CacheConfig,
+    *,
+    device,
+    ids_dtype,
+    pad_id: int,
+    progress=None,
+    schema: Schema = FORMAT_1,
+) -> UnitResult:
+    """Every teacher array of the schema for tokens [lo, hi) of the stream."""
+    from muscle.topk import teacher_topk
+
+    K, temps = cfg.k, [float(t) for t in cfg.temperatures]
+    out = UnitResult.allocate(schema, Dims(cfg, stream.n_tokens, ids_dtype=ids_dtype), hi - lo)
+    off = stream.offsets
+    lengths = np.diff(off)
+    t1 = temps.index(1.0)
+    for batch in _plan_batches(lengths, _unit_examples(off, lo, hi), cfg.batch_size):
+        B, T = len(batch), int(lengths[batch].max())
+        input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+        mask = torch.zeros((B, T), dtype=torch.long)
+        for b, e in enumerate(batch):
+            n = int(lengths[e])
+            input_ids[b, :n] = torch.from_numpy(
+                stream.input_ids[off[e] : off[e + 1]].astype(np.int64)
+            )
+            mask[b, :n] = 1
+        pos = np.concatenate([np.arange(off[e], off[e + 1]) for e in batch])  # (N_real,)
+        labels = torch.from_numpy(stream.labels[pos].astype(np.int64))
+        with torch.no_grad():
+            logits = forward_logits(model, input_ids.to(device), mask.to(device))
+            try:
+                top = teacher_topk(logits, labels.to(logits.device), K, tuple(temps))
+            except ValueError as e:
+                if "non-finite" not in str(e):
+                    raise
+                bad_row = int((~torch.isfinite(logits.float()).all(1)).nonzero()[0, 0])
+                raise _nonfinite_error(stream, pos[bad_row]) from None
+        lse = torch.stack([top.lse[t] for t in temps], 1).cpu()  # (N_real, nT)
+        rows = {
+            "ids": top.ids.cpu().numpy(),  # (N_real, K)
+            "logprobs": (top.values.cpu() - lse[:, t1 : t1 + 1]).numpy(),  # (N_real, K) at T=1
+            "lse": lse.numpy(),
+            "label_logprob": (top.label_logit.cpu() - lse[:, t1]).numpy(),  # NaN where ignored
+        }
+        keep = (pos >= lo) & (pos < hi)
+        dst = pos[keep] - lo
+        for name, arr in out.items():
+            arr[dst] = rows[name][keep].astype(arr.dtype)
+        if progress is not None:
+            progress.update(int(keep.sum()))
+    return out
+
+
+def _nonfinite_error(stream: StreamData, position: int) -> MuscleError:
+    e = int(np.searchsorted(stream.offsets, position, side="right")) - 1
+    split = SPLIT_CODES[int(stream.split[e])]
+    return MuscleError(
+        f"the teacher produced NaN/inf logits on example {json.loads(stream.example_ids[e])!r} "
+        f"({split} split, token {position - int(stream.offsets[e])}): refusing to cache it "
+        "(check the model's weights and dtype; float16 overflows are common: try --dtype float32)"
+    )
