@@ -51,6 +51,9 @@ _ARG_TYPES = {
     "kl_out_ptr": "*fp32", "ce_out_ptr": "*fp32", "m_out_ptr": "*i8", "V": "i32",
     "ignore_index": "i32", "inv_T": "fp32", "n_valid_ptr": "*i64", "kl_w": "fp32",
     "ce_w": "fp32", "tail_exact_below": "fp32",
+    "tids1_ptr": "*i32", "tlw1_ptr": "*fp32", "neg1_ptr": "*fp32", "tids1_stride": "i64",
+    "M1": "i32", "tids2_ptr": "*i32", "tlw2_ptr": "*fp32", "neg2_ptr": "*fp32",
+    "tids2_stride": "i64", "M2": "i32",
 }  # fmt: skip
 _SM_REGS, _SM_WARPS, _SM_CTAS = 65536, 64, 32  # per SM on sm_80 .. sm_90
 
@@ -64,6 +67,8 @@ def parse_args(argv=None):
     ap.add_argument("--V", type=int, default=128256, help="vocabulary (sets BLOCK_C)")
     ap.add_argument("--mask", default="v2c_wrong", choices=["v2c_wrong", "tensor"])
     ap.add_argument("--stats", action="store_true", help="CE statistic on (the trainer's call)")
+    ap.add_argument("--tail-m", type=int, default=0,
+                    help="sampled tail draws per teacher (cache format 2); 0 = format 1")  # fmt: skip
     ap.add_argument("--prefetch", action="store_true", help="the sweep-1 prefetch variant")
     ap.add_argument("--reverse", action="store_true", help="the backwards sweep-2 variant")
     ap.add_argument("--module", default=None, help="kernel file to load instead of muscle's")
@@ -98,6 +103,7 @@ def compile_config(kernel, block_v, num_warps, args):
         "CE_POW": 2,  # T = 2, the default
         "CE_GRAD": False,
         "COMPUTE_GRAD": True,
+        "HAS_TAIL": args.tail_m > 0,
         "EVICT_SWEEP1": "evict_last",  # the launcher's default (MUSCLE_KL_EVICT unset)
         "EVICT_SWEEP2": "evict_first",
         "PREFETCH": args.prefetch,
@@ -105,6 +111,7 @@ def compile_config(kernel, block_v, num_warps, args):
         "BLOCK_V": block_v,
         "BLOCK_K": block_k,
         "BLOCK_C": block_c,
+        "BLOCK_M": max(2, 1 << max(0, args.tail_m - 1).bit_length()),
     }
     sig, consts = {}, {}
     for i, name in enumerate(kernel.arg_names):

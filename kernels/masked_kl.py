@@ -30,6 +30,15 @@ call. Accumulation is float32 for every input dtype; the gradient is stored in z
 Neither forward nor backward synchronizes with the host: the mean's 1 / n_valid is read by the
 kernel from a device tensor, and backward's "is grad_output 1?" is decided on the device.
 
+Sampled tail (cache format 2, muscle/losses.py and muscle/TAIL_ESTIMATOR.md): when the
+selected teacher has M >= 1 tail draws x_m with log p_hat_m (-inf = padding) and a negentropy,
+step 2 computes KL_hat = negent - sum_S p log q - sum_m p_hat_m log q_{x_m} instead (no q_tail,
+no exact-tail sweep), sweep 3 writes P_hat q_j / T everywhere (P_hat = sum_S p + sum p_hat) and
+the fix-up also rewrites the draws' entries with (P_hat q_j - p_hat_j) / T, where p_hat_j sums
+the draws of id j (a (BLOCK_M, BLOCK_M) compare: repeated lanes store the same value). Draws
+must lie outside S (the caller checks). Without tails (HAS_TAIL = False) the compiled kernel is
+the format 1 one.
+
 Assumptions: teacher ids are unique within a row (duplicates would be counted twice in sum_S and
 the fix-up pass would write the same entry twice) and lie in [0, V); labels lie in [0, V) or
 equal ignore_index. A teacher entry with log-prob -inf (padding) has p = 0 and contributes 0.
@@ -92,6 +101,16 @@ def _masked_kl_fwd_kernel(
     lp2_ptr,  # (N, K2) float32
     ids2_stride,
     K2,
+    tids1_ptr,  # (N, M1) int32 v1 tail draws (format 2); unused unless HAS_TAIL
+    tlw1_ptr,  # (N, M1) float32 their log p_hat at T (-inf = padding)
+    neg1_ptr,  # (N,) float32 v1 negentropy at T
+    tids1_stride,
+    M1,  # 0: v1 keeps the (K+1)-bin KL
+    tids2_ptr,  # (N, M2) int32
+    tlw2_ptr,  # (N, M2) float32
+    neg2_ptr,  # (N,) float32
+    tids2_stride,
+    M2,
     kl_out_ptr,  # (N,) float32 per-row KL_S (0 on ignored rows)
     ce_out_ptr,  # (N,) float32 per-row CE at temperature 1 (0 if not COMPUTE_CE)
     m_out_ptr,  # (N,) int8 per-row mask actually used
@@ -107,6 +126,7 @@ def _masked_kl_fwd_kernel(
     CE_POW: tl.constexpr,  # exp(z - m) from sweep 1's exp((z - m) / T): 1 (T == 1), 2 (T == 2), 0
     CE_GRAD: tl.constexpr,  # the CE term enters the gradient (ce_weight > 0)
     COMPUTE_GRAD: tl.constexpr,
+    HAS_TAIL: tl.constexpr,  # some teacher has M >= 1 tail draws
     # L2 eviction policies: sweep 1 "evict_last" (sweep 2 reads the row again soon), sweep 2
     # "evict_first" (last use), or "" for none
     EVICT_SWEEP1: tl.constexpr,
@@ -116,6 +136,7 @@ def _masked_kl_fwd_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_C: tl.constexpr,  # vocab block of the exact-tail sweep (BLOCK_C x BLOCK_K compare)
+    BLOCK_M: tl.constexpr,  # tail draws (a power of 2 >= max(M1, M2))
 ):
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * z_stride
@@ -201,9 +222,42 @@ def _masked_kl_fwd_kernel(
     # 0 * log 0 = 0: keep -inf log-probs out of the arithmetic altogether
     kl = tl.sum(p * (tl.where(p > 0.0, lp, 0.0) - logq), 0)
 
+    if HAS_TAIL:
+        # ---- the selected teacher's sampled tail (M_sel = 0: none, the (K+1)-bin KL) -------
+        m_sel = M1 * sel + M2 * (1 - sel)
+        binned = m_sel == 0
+        sampled = m_sel > 0
+        offm = tl.arange(0, BLOCK_M)
+        t1 = offm < M1 * sel
+        t2 = offm < M2 * (1 - sel)
+        tmask = t1 | t2  # (BLOCK_M,)
+        tids = tl.where(
+            use_v1,
+            tl.load(tids1_ptr + row * tids1_stride + offm, mask=t1, other=0),
+            tl.load(tids2_ptr + row * tids2_stride + offm, mask=t2, other=0),
+        )
+        tlw = tl.where(
+            use_v1,
+            tl.load(tlw1_ptr + row * tids1_stride + offm, mask=t1, other=float("-inf")),
+            tl.load(tlw2_ptr + row * tids2_stride + offm, mask=t2, other=float("-inf")),
+        )
+        p_hat = tl.exp(tlw)  # 0 on padding lanes
+        # z at the draws, read now: in place, sweep 3 overwrites the row with the gradient
+        zt = tl.load(z_row + tids, mask=tmask, other=0.0).to(tl.float32)  # (BLOCK_M,)
+        lq_t = (zt - m) * inv_T - log_s_t
+        negent = tl.where(use_v1, tl.load(neg1_ptr + row), tl.load(neg2_ptr + row))
+        # KL_hat = negent - sum_S p log q - sum_m p_hat_m log q_{x_m}
+        kl_hat = negent - tl.sum(tl.where(p > 0.0, p * logq, 0.0), 0)
+        kl_hat -= tl.sum(tl.where(p_hat > 0.0, p_hat * lq_t, 0.0), 0)
+        sum_p_hat = tl.sum(p_hat, 0)
+
     # ---- log q_tail: cheap complement when well-conditioned, exact sum-exp otherwise -------
     one_minus = 1.0 - tl.sum(q, 0)
-    if one_minus >= tail_exact_below:
+    if HAS_TAIL:
+        cheap = (one_minus >= tail_exact_below) | sampled  # sampled rows need no q_tail
+    else:
+        cheap = one_minus >= tail_exact_below
+    if cheap:
         log_q_tail = tl.log(one_minus)
     else:
         # Sum-exp over j not in S, with its own running max, so log q_tail stays finite and
@@ -230,9 +284,13 @@ def _masked_kl_fwd_kernel(
         )
     has_tail = log_q_tail > float("-inf")
     use_tail = has_tail & (p_tail > 0.0)
+    if HAS_TAIL:
+        use_tail = use_tail & binned
     # both logs guarded so that no lane ever computes 0 * inf (NaN-free, also under the hood)
     log_p_tail = tl.log(tl.where(use_tail, p_tail, 1.0))
     kl += tl.where(use_tail, p_tail * (log_p_tail - tl.where(use_tail, log_q_tail, 0.0)), 0.0)
+    if HAS_TAIL:
+        kl = tl.where(binned, kl, kl_hat)
     tl.store(kl_out_ptr + row, kl)
     tl.store(m_out_ptr + row, sel.to(tl.int8))
 
@@ -253,8 +311,12 @@ def _masked_kl_fwd_kernel(
         # P = sum_S p + p_tail (as clamped / dropped), P q_j - p_j on S and
         # q_j (P - p_tail / q_tail) off S, over T. P = 1 up to rounding of the stored log-probs
         # (DESIGN §4's closed form); this form also sums to 0 over the row when it is not.
+        # Sampled-tail rows: use_tail is False, so coef = P_hat and shift = 0 below, and the
+        # fix-up subtracts p_hat at the draws.
         tail_coef = tl.where(use_tail, p_tail, 0.0)
         big_p = tl.sum(p, 0) + tail_coef
+        if HAS_TAIL:
+            big_p += tl.where(binned, 0.0, sum_p_hat)
         lqt = tl.where(use_tail, log_q_tail, 0.0)
         inv_n = 1.0 / tl.maximum(tl.load(n_valid_ptr).to(tl.float32), 1.0)
         kl_wt = kl_w * inv_n * inv_T
@@ -293,6 +355,17 @@ def _masked_kl_fwd_kernel(
         if CE_GRAD:
             gs += ce_wn * (tl.exp(zs - m - log_s_1) - tl.where(ids == y, 1.0, 0.0))
         tl.store(g_row + ids, gs.to(g_row.dtype.element_ty), mask=kmask)
+        if HAS_TAIL:
+            # ---- fix-up: the draws' entries get (P_hat q_j - p_hat_j) / T ---------------
+            # p_hat_j = the sum over the lanes drawing j: every such lane stores one value.
+            same = (tids[:, None] == tids[None, :]) & tmask[None, :]  # (BLOCK_M, BLOCK_M)
+            p_id = tl.sum(tl.where(same, p_hat[None, :], 0.0), 1)  # (BLOCK_M,)
+            gt = kl_wt * (big_p * tl.exp(lq_t) - p_id)
+            if CE_GRAD:
+                gt += ce_wn * (tl.exp(zt - m - log_s_1) - tl.where(tids == y, 1.0, 0.0))
+            # real draws only (a padding lane may name a head id); none on binned rows
+            real = tmask & (tlw > float("-inf"))
+            tl.store(g_row + tids, gt.to(g_row.dtype.element_ty), mask=real)
 
 
 @triton.jit
@@ -401,8 +474,14 @@ def masked_kl_forward(
     inplace_backward: bool = True,
     compute_grad: bool = True,
     compute_ce: bool | None = None,
+    v1_tail=None,
+    v2_tail=None,
 ):
     """Launch the kernel. Returns (loss, grad or None, per-row dict).
+
+    v*_tail: None or the teacher's sampled tail (``muscle.losses.SampledTail``: ids (N, M) int,
+    logweights (N, M) float, negent (N,) float), drawn outside that teacher's ids (checked by
+    ``muscle.losses``, not here); M = 0 is no tail.
 
     loss: float32 scalar (no autograd). grad: (N, V) in z's dtype, already the full gradient of
     loss (weights and 1/n_valid applied); it IS ``student_logits`` when ``inplace_backward``.
@@ -436,6 +515,9 @@ def masked_kl_forward(
     for t in (labels, v1_ids, v1_logprobs, v2_ids, v2_logprobs):
         if t.device != dev:
             raise ValueError(f"all inputs must be on {dev}, got a tensor on {t.device}")
+    tail1 = _tail_args("v1", v1_tail, N, dev)
+    tail2 = _tail_args("v2", v2_tail, N, dev)
+    has_tail = tail1[4] > 0 or tail2[4] > 0
 
     if z.stride(-1) != 1:
         z = z.contiguous()  # then "in place" writes into this copy, not the caller's tensor
@@ -486,6 +568,8 @@ def masked_kl_forward(
             lp2,
             ids2.stride(0),
             ids2.shape[1],
+            *tail1,
+            *tail2,
             kl_rows,
             ce_rows,
             m_rows,
@@ -501,6 +585,7 @@ def masked_kl_forward(
             CE_POW=_ce_pow(temperature),
             CE_GRAD=compute_grad and ce_weight > 0,
             COMPUTE_GRAD=compute_grad,
+            HAS_TAIL=has_tail,
             EVICT_SWEEP1="evict_last" if evict else "",
             EVICT_SWEEP2="evict_first" if evict else "",
             PREFETCH=_env_flag("MUSCLE_KL_PREFETCH", False),
@@ -508,20 +593,56 @@ def masked_kl_forward(
             BLOCK_V=block_v,
             BLOCK_K=block_k,
             BLOCK_C=block_c,
+            BLOCK_M=max(2, _next_pow2(max(tail1[4], tail2[4]))),
             num_warps=num_warps,
         )
     loss = kl_coef * kl_rows.sum()
     if ce_weight > 0:
         loss = loss + ce_coef * ce_rows.sum()
     loss = loss / n_valid.clamp(min=1)
+    mask_rows = (m_rows != 0) & valid
     rows = {
         "kl": kl_rows,
         "ce": ce_rows,
-        "mask": (m_rows != 0) & valid,
+        "mask": mask_rows,
         "valid": valid,
         "n_valid": n_valid,
+        # the rows whose selected teacher had a sampled tail
+        "sampled": _sampled_rows(m_rows != 0, valid, tail1[4] > 0, tail2[4] > 0),
     }
     return loss, (grad if compute_grad else None), rows
+
+
+def _has(tail) -> bool:
+    return tail is not None and tail.ids.shape[1] > 0
+
+
+def _sampled_rows(to_v1: torch.Tensor, valid: torch.Tensor, has1: bool, has2: bool):
+    """(N,) bool: valid rows whose selected teacher has a sampled tail."""
+    out = to_v1 if has1 else torch.zeros_like(to_v1)
+    return (out | ~to_v1 if has2 else out) & valid
+
+
+def _tail_args(name: str, tail, N: int, dev) -> tuple:
+    """Kernel arguments (ids, logweights, negent, stride, M) of one teacher's tail; placeholders
+    with M = 0 when it has none (the kernel reads nothing through them then but the negent)."""
+    if tail is None or tail.ids.shape[1] == 0:
+        dummy_i = torch.zeros(1, dtype=torch.int32, device=dev)
+        dummy_f = torch.zeros(max(N, 1), dtype=torch.float32, device=dev)
+        return dummy_i, dummy_f, dummy_f, 0, 0
+    ids, lw, ne = tail.ids, tail.logweights, tail.negent
+    if ids.dim() != 2 or ids.shape[0] != N or lw.shape != ids.shape or ne.shape != (N,):
+        raise ValueError(
+            f"{name}_tail: ids / logweights must both be (N={N}, M) and negent (N,), got "
+            f"{tuple(ids.shape)} / {tuple(lw.shape)} / {tuple(ne.shape)}"
+        )
+    for t in (ids, lw, ne):
+        if t.device != dev:
+            raise ValueError(f"all inputs must be on {dev}, got a tensor on {t.device}")
+    ids = ids.to(torch.int32).contiguous()
+    lw = lw.detach().to(torch.float32).contiguous()
+    ne = ne.detach().to(torch.float32).contiguous()
+    return ids, lw, ne, ids.stride(0), ids.shape[1]
 
 
 class MaskedKLFunction(torch.autograd.Function):
@@ -557,6 +678,8 @@ def _run(student_logits, labels, v1_ids, v1_lp, v2_ids, v2_lp, *, mask, compute_
         )
         valid = labels != opts.get("ignore_index", -100)
         rows = {"kl": kl, "ce": ce, "mask": m, "valid": valid, "n_valid": valid.sum()}
+        rows["sampled"] = _sampled_rows(m, valid, _has(opts.get("v1_tail")),
+                                        _has(opts.get("v2_tail")))  # fmt: skip
         return loss, rows
     # No gradient wanted: never touch the caller's logits.
     loss, _, rows = masked_kl_forward(
@@ -588,12 +711,16 @@ def masked_kl_triton(
     ignore_index: int = -100,
     t2_scale: bool = False,
     inplace_backward: bool = True,
+    v1_tail=None,
+    v2_tail=None,
 ) -> torch.Tensor:
     """MUSCLE loss: (1-w) mean_i[m_i KL_S(p1||q) + (1-m_i) KL_S(p2||q)] (x T^2) + w mean_i CE_i.
 
     student_logits (N, V) fp32/bf16/fp16; labels (N,) int; v*_ids (N, K*) int (unique per row);
     v*_logprobs (N, K*) teacher log-probs at temperature T over the full vocabulary. mask:
     "v2c_wrong" | "v1_correct" | "always_v1" | "always_v2" | bool tensor (N,) (True = v1).
+    v*_tail: the teacher's sampled tail (``muscle.losses.SampledTail``) or None: its rows then
+    take the unbiased full-KL estimate KL_hat instead of KL_S (module docstring).
     Returns a float32 scalar, differentiable w.r.t. student_logits. With
     ``inplace_backward=True`` (default) and a gradient wanted, the logits buffer is overwritten
     by the gradient during the forward: do not read ``student_logits`` afterwards.
@@ -612,6 +739,8 @@ def masked_kl_triton(
         ignore_index=ignore_index,
         t2_scale=t2_scale,
         inplace_backward=inplace_backward,
+        v1_tail=v1_tail,
+        v2_tail=v2_tail,
     )
     return loss
 
@@ -626,8 +755,10 @@ def masked_kl_triton_with_stats(
     **kwargs,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(loss, stats): stats are detached 0-dim tensors over non-ignored rows: kl (mean KL_S of
-    the selected teacher, times T^2 if t2_scale, i.e. as it enters the loss), ce (mean CE at T=1; computed even when ce_weight=0, one extra
-    exp per element), frac_v1 (fraction of rows aligned to v1), n_tokens (count, int64)."""
+    the selected teacher, times T^2 if t2_scale, i.e. as it enters the loss), ce (mean CE at
+    T=1; computed even when ce_weight=0, one extra exp per element), frac_v1 (fraction of rows
+    aligned to v1), n_tokens (count, int64), frac_sampled (fraction of rows on the sampled-tail
+    estimator)."""
     loss, rows = _run(
         student_logits,
         labels,
@@ -649,5 +780,7 @@ def masked_kl_triton_with_stats(
         "ce": (rows["ce"].sum() / denom).detach(),
         "frac_v1": (rows["mask"].sum().to(torch.float32) / denom).detach(),
         "n_tokens": n.detach(),
+        # tokens whose selected teacher used the sampled-tail estimator (0: all (K+1)-bin)
+        "frac_sampled": (rows["sampled"].sum().to(torch.float32) / denom).detach(),
     }
     return loss, stats

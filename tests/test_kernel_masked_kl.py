@@ -56,8 +56,13 @@ def reference_loss(
     ignore_index=-100,
     t2_scale=False,
     dtype=torch.float64,
+    v1_tail=None,
+    v2_tail=None,
 ):
-    """Dense MUSCLE loss in `dtype`; z must be a leaf of that dtype (requires_grad)."""
+    """Dense MUSCLE loss in `dtype`; z must be a leaf of that dtype (requires_grad).
+
+    A teacher with a tail (ids, logweights, negent; M >= 1) takes the sampled-tail estimate
+    negent - sum_S p log q - sum_m p_hat_m log q_{x_m} instead of the (K+1)-bin KL."""
     N, V = z.shape
     T = temperature
     valid = labels != ignore_index
@@ -78,7 +83,16 @@ def reference_loss(
     logq = torch.log_softmax(z / T, dim=-1)
     lse_all = torch.logsumexp(z / T, dim=-1)
     kls = []
-    for ids, lp in ((i1, l1), (i2, l2)):
+    for ids, lp, tail in ((i1, l1, v1_tail), (i2, l2, v2_tail)):
+        if tail is not None and tail.ids.shape[1] > 0:
+            p = lp.to(dtype).exp()
+            p_hat = tail.logweights.to(dtype).exp()
+            cross = torch.where(p > 0, p * logq.gather(-1, ids.long()), 0).sum(-1)
+            cross = cross + torch.where(p_hat > 0, p_hat * logq.gather(-1, tail.ids.long()), 0).sum(
+                -1
+            )
+            kls.append(tail.negent.to(dtype) - cross)
+            continue
         ids = ids.long()
         lp = lp.to(dtype)
         p = lp.exp()
@@ -486,7 +500,8 @@ def test_default_config_compiles_for_sm90_without_spills(tmp_path):
     config = picked.stdout.strip()
     out = tmp_path / "sass.csv"
     bench = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "kernel_sass.py")
-    for extra in ([], ["--stats"]):
+    # format 1 without and with the CE statistic, and the sampled-tail variant (format 2)
+    for extra in ([], ["--stats"], ["--stats", "--tail-m", "16", "--label", "tail16"]):
         res = run(bench, "--configs", config, "--out", str(out), *extra)
         if res.returncode != 0 and "ptxas" in res.stderr.lower() + res.stdout.lower():
             pytest.skip(f"no usable ptxas here: {res.stderr[-300:]}")
@@ -494,7 +509,115 @@ def test_default_config_compiles_for_sm90_without_spills(tmp_path):
     import csv
 
     rows = list(csv.DictReader(out.open()))
-    assert len(rows) == 2 and all(r["config"] == config for r in rows)
+    assert len(rows) == 3 and all(r["config"] == config for r in rows)
     for r in rows:
         assert int(r["regs"]) > 0 and int(r["ex2"]) > 0
         assert (int(r["spill_st"]), int(r["spill_ld"])) == (0, 0), r
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampled tail (cache format 2): the kernel's KL_hat against the dense reference, and against
+# muscle.losses' torch and chunked implementations on the same draws.
+# ---------------------------------------------------------------------------------------------
+def make_tail(ids, V, M, *, seed, n_pad=1, device="cpu"):
+    """A SampledTail for head ids (N, K): M draws outside the head, one repeated id per row,
+    n_pad padding lanes (-inf weight) naming a head id, a negative negent."""
+    from muscle.losses import SampledTail
+
+    g = torch.Generator().manual_seed(seed)
+    N = ids.shape[0]
+    ids = ids.cpu().long()
+    outside = torch.ones(N, V, dtype=torch.bool).scatter(-1, ids, False)
+    draws = torch.multinomial(outside.float(), M, replacement=True, generator=g)  # (N, M)
+    draws[:, -1] = draws[:, 0]  # a repeat in every row
+    lw = (torch.rand(N, M, generator=g) * 0.2).log()
+    draws[:, 1 : 1 + n_pad] = ids[:, :1]
+    lw[:, 1 : 1 + n_pad] = float("-inf")
+    negent = -3 * torch.rand(N, generator=g)
+    return SampledTail(draws.to(device), lw.to(device), negent.to(device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_sampled_tail_matches_reference(device, dtype, monkeypatch):
+    monkeypatch.setenv("MUSCLE_KL_BLOCK_V", "256")  # 4 blocks, the last partial
+    z, y, i1, l1, i2, l2 = make_batch(19, 1000, 7, 5, device=device, dtype=dtype, seed=21)
+    y[::5] = z[::5].float().argmax(-1)  # rows toward v2 under v2c_wrong
+    y[3] = -100
+    t1 = make_tail(i1, 1000, 9, seed=1, device=device)
+    t2 = make_tail(i2, 1000, 3, seed=2, n_pad=0, device=device)
+    for kw in ({}, {"ce_weight": 0.4, "t2_scale": True, "temperature": 1.5}):
+        check_against_reference(z, y, i1, l1, i2, l2, v1_tail=t1, v2_tail=t2, **kw)
+    # one teacher with a tail, the other without: per-row estimators
+    check_against_reference(z, y, i1, l1, i2, l2, v1_tail=t1, v2_tail=None, ce_weight=0.2)
+    check_against_reference(z, y, i1, l1, i2, l2, v2_tail=t2, inplace_backward=False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sampled_tail_agrees_with_torch_and_chunked(device):
+    """The three implementations on the same draws of the real sampler: value, gradient,
+    stats. float32 logits (the torch and chunked paths compute in float32 too)."""
+    from muscle.losses import SampledTail, masked_kl_with_stats
+    from muscle.tail_sampling import TailSampling, sample_tail, tail_logweights, teacher_key
+    from muscle.topk import teacher_topk
+
+    g = torch.Generator().manual_seed(31)
+    N, V, K, M, T = 11, 333, 6, 10, 1.0
+    z = torch.randn(N, V, generator=g) * 2
+    y = torch.randint(0, V, (N,), generator=g)
+    y[::3] = z[::3].argmax(-1)
+    y[4] = -100
+    tails, heads = [], []
+    for name in ("v1", "v2"):
+        t = torch.randn(N, V, generator=g) * 3
+        tk = teacher_topk(t, y, K, temperatures=(1.0, 2.0), negentropy=True)
+        d = sample_tail(t, tk.ids, torch.arange(N) + 50, TailSampling(M, 9, 2.0), teacher_key(name))
+        lw = tail_logweights(tk.logprobs(1.0), d.values - tk.lse[1.0][:, None], tk.lse, T, 2.0)
+        heads += [tk.ids.to(device), tk.logprobs(T).to(device)]
+        tails.append(SampledTail(d.ids.to(device), lw.to(device), tk.negent[T].to(device)))
+    z = z.to(device)
+    y = y.to(device)
+    for kw in ({"mask": "v2c_wrong"}, {"mask": "v1_correct", "ce_weight": 0.3, "t2_scale": True}):
+        got = {}
+        for impl in ("torch", "chunked", "triton"):
+            zz = z.clone().requires_grad_(True)
+            loss, st = masked_kl_with_stats(zz, y, *heads, temperature=T, impl=impl,
+                                            v1_tail=tails[0], v2_tail=tails[1], **kw)  # fmt: skip
+            loss.backward()
+            got[impl] = (loss.detach(), zz.grad, st)
+        for impl in ("torch", "chunked"):
+            torch.testing.assert_close(got["triton"][0], got[impl][0], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got["triton"][1], got[impl][1], rtol=1e-4, atol=1e-7)
+            for key in ("kl", "ce", "frac_v1", "frac_sampled"):
+                a, b = got["triton"][2].as_dict()[key], got[impl][2].as_dict()[key]
+                assert a == pytest.approx(b, rel=1e-5, abs=1e-6), key
+        assert got["triton"][2].estimator == "sampled_tail"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sampled_tail_m0_is_format1_and_no_grad(device):
+    from muscle.losses import SampledTail
+
+    z, y, i1, l1, i2, l2 = make_batch(6, 200, 5, 5, device=device, seed=22)
+    empty = SampledTail(i1[:, :0], l1[:, :0], l1[:, 0])
+    base = loss_and_grad(lambda t: masked_kl_triton(t, y, i1, l1, i2, l2, ce_weight=0.3), z)
+    m0 = loss_and_grad(
+        lambda t: masked_kl_triton(
+            t, y, i1, l1, i2, l2, ce_weight=0.3, v1_tail=empty, v2_tail=empty
+        ),  # fmt: skip
+        z,
+    )
+    assert torch.equal(base[0], m0[0]) and torch.equal(base[1], m0[1])
+    _, st = masked_kl_triton_with_stats(z, y, i1, l1, i2, l2, v1_tail=empty, v2_tail=empty)
+    assert st["frac_sampled"].item() == 0.0
+    # no gradient wanted, with a tail: the logits stay untouched, same loss
+    t1 = make_tail(i1, 200, 4, seed=3, device=device)
+    with_grad = loss_and_grad(lambda t: masked_kl_triton(t, y, i1, l1, i2, l2, v1_tail=t1), z)
+    zn = z.clone()
+    with torch.no_grad():
+        loss = masked_kl_triton(zn.requires_grad_(True), y, i1, l1, i2, l2, v1_tail=t1)
+    assert torch.equal(zn.detach(), z)
+    torch.testing.assert_close(loss, with_grad[0])
+    with pytest.raises(ValueError, match="v1_tail"):
+        masked_kl_triton(z, y, i1, l1, i2, l2, v1_tail=SampledTail(t1.ids[:3], t1.logweights[:3],
+                                                                   t1.negent))  # fmt: skip
