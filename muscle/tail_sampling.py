@@ -12,9 +12,9 @@ key, global position, m) (splitmix64 on int64 tensors), and the inverse CDF of t
 weights quantised to integers (int64 cumsum, exact and order-free). So the draws of a row depend
 only on (seed, teacher key, position, that row's logits): not on the other rows of the call,
 the chunking, the rank or a resume. The quantised weights come from a float32 exp; where two
-code paths round an exp differently (CPU vector vs scalar remainder) a draw could change only
-if its uniform fell within one quantum (2^-Q of the top tail weight, Q >= 40 for V < 2^22) of a
-bin edge.
+code paths round an exp differently (on CPU: torch's vectorised exp vs the scalar one for a
+thread range's remainder, which depends on sizes and thread count) the CDF moves by ~2^-23 of
+that token's weight, which changes a draw with probability ~2^-23 r(j) (TAIL_ESTIMATOR.md §6).
 
 Exactness of the proposal. The weights assume r_j = p_{T_r}(j) / p_tail(T_r) for j in the
 tail. The sampler's actual proposal is the quantised floor(e_j 2^Q) / sum, e_j =
