@@ -352,9 +352,9 @@ def _validate_tail(name: str, tail, n: int, v: int, head_sorted: Tensor) -> None
     if bool((torch.isnan(lw) | (lw == math.inf)).any()):
         raise ValueError(f"{name}_tail.logweights must not be NaN or +inf (-inf = padding)")
     # A real draw inside the head would count its mass twice: look each up in the sorted head.
-    ids = ids.to(head_sorted.dtype)
-    at = torch.searchsorted(head_sorted, ids).clamp_(max=head_sorted.shape[1] - 1)  # (N, M)
-    if bool(((head_sorted.gather(1, at) == ids) & (lw > -math.inf)).any()):
+    head, ids = head_sorted.long(), ids.long()  # searchsorted wants one dtype
+    at = torch.searchsorted(head, ids).clamp_(max=head.shape[1] - 1)  # (N, M)
+    if bool(((head.gather(1, at) == ids) & (lw > -math.inf)).any()):
         raise ValueError(f"{name}_tail.ids must lie outside {name}_ids (the head) in each row")
 
 
