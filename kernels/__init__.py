@@ -30,14 +30,16 @@ def triton_available() -> bool:
 
 
 def masked_kl_triton(*args, **kwargs):
-    """Fused masked top-K KL (+ optional CE) loss; see ``muscle.kernels.masked_kl``."""
+    """Fused masked top-K KL (+ optional CE) loss, with optional sampled tails (cache format 2);
+    see ``muscle.kernels.masked_kl``."""
     from muscle.kernels.masked_kl import masked_kl_triton as _impl
 
     return _impl(*args, **kwargs)
 
 
 def masked_kl_triton_with_stats(*args, **kwargs):
-    """Like :func:`masked_kl_triton`, also returning detached stats (kl, ce, frac_v1, n_tokens)."""
+    """Like :func:`masked_kl_triton`, also returning detached stats (kl, ce, frac_v1, n_tokens,
+    frac_sampled)."""
     from muscle.kernels.masked_kl import masked_kl_triton_with_stats as _impl
 
     return _impl(*args, **kwargs)
