@@ -1,535 +1,628 @@
 #!/usr/bin/env python
-"""The MUSCLE reproduction on a real model pair, offline, on CPU (benchmarks/README.md,
-"Reproduction (SmolLM2-135M)").
+"""The MUSCLE reproduction on an update with real regressions, offline, in resumable stages
+(benchmarks/README.md, "Reproduction on an update with real regressions"; issue 16).
 
-    nice -n 10 .venv/bin/python benchmarks/reproduce.py --tasks piqa,samsum [--ablation]
+    OMP_NUM_THREADS=1 nice -n 15 .venv/bin/python benchmarks/reproduce.py \\
+        --data-dir /work/shared/data --tasks piqa --ablation --online
 
-Stages (each skips finished work, so the script is re-runnable and resumable):
-  bases   runs/repro/base-v1 (SmolLM2-135M-Instruct, dequantized GGUF) and base-v2 (v1 after
-          continued pretraining): benchmarks/repro_bases.py
-  per task T (update config runs/repro/T/update.toml names v1, v2, v2c):
-          muscle-train --task T  (v1, v2 task adapters)
-          muscle-eval predict    (v1, v2 on the test split, --limit)
-          muscle-cache build     (v1, v2 teachers on train+validation)
-          muscle-train --cache   (v2c, mask v2c_wrong)   -> muscle-eval predict v2c
-          muscle-eval compare v1 v2 v2c
-  ablation (PIQA, paper Table 6): v2c trained with each other mask from the same cache.
+The pair (benchmarks/repro_pair.py): v2 = SmolLM2-135M-Instruct, v1 = v2 without 6 middle
+layers, healed by a small committed LoRA. Both bases are rebuilt under ``--root`` (git-ignored)
+from the PyPI GGUF and committed files; nothing here needs a machine that is gone.
 
-Writes benchmarks/results/reproduce.json and prints a markdown table.
+Stages per task T, each skipped when its committed output exists under ``--out``
+(benchmarks/results/repro2/T/), so a new clone resumes where the last session stopped:
+  train-v2 / train-v1    task adapters            -> T/adapters/{v2,v1}/   (committed)
+  predict-v2 / -v1       the test set             -> T/pred/{v2,v1}.jsonl  (committed)
+  cache-v1 / cache-v2    top-K teachers on the training pool (--root/cache/T; rebuilt from the
+                         committed adapters when absent: not committed, tens of MB)
+  train-v2c, predict-v2c mask v2c_wrong from the cache; v2c's adapter is committed too
+  compare                muscle-eval compare v1 v2 v2c   -> T/compare.{json,md}
+  ablation (PIQA, --ablation): v2c with each other mask   -> T/pred/v2c-MASK.jsonl, compare-MASK.*
+  online (PIQA, --online): v2c trained with both teachers resident, near-full vocabulary
+                         (top-K = V - 1: the (K+1)-bin KL is then the full KL) -> T/pred/v2c-online.jsonl
+Wall seconds of every stage that ran go to OUT/timings.json; the table to OUT/results.json.
+``--profile paper`` (benchmarks/run_gpu_repro.sh) uses the paper's Table 7 sizes instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ROOT = REPO / "runs" / "repro"
-LOGS = ROOT / "logs"
 BIN = Path(sys.executable).parent
-RESULTS = REPO / "benchmarks" / "results" / "reproduce.json"
-# The full task data (DATA_FORMAT.md): set by main from --data-dir or $MUSCLE_DATA_DIR.
-DATA_DIR = Path()
 
-# ---- sizes (CPU budget: 2 shared cores). Paper: full train sets, r=128, 10 epochs. ----------
+
+@dataclass(frozen=True)
+class TaskSizes:
+    """One task's data and training sizes (CLI options of muscle-train / -eval / -cache)."""
+
+    train_pool: int | None  # --max-examples (80/20 -> train/validation); None: the whole split
+    test: int | None  # --limit on the test split; None: all of it
+    epochs: int
+    lr: float
+    max_length: int
+    batch: int
+    accum: int
+    warmup: int
+    compat_epochs: int
+    compat_lr: float
+    max_new_tokens: int | None = None
+    num_fewshot: int | None = None
+
+
+@dataclass(frozen=True)
+class Profile:
+    lora_r: int
+    lora_alpha: float
+    dtype: str
+    eval_batch: int
+    tasks: dict[str, TaskSizes]
+
+
 # fmt: off
-LORA_R, LORA_ALPHA = 16, 32          # paper r=128 / alpha=156: too slow on CPU for the budget
-DTYPE = "bfloat16"                    # AMX bf16 on this CPU; adapters stay float32 (PEFT)
-TASKS = {
-    # train_pool: --max-examples (80/20 split -> train/validation); test: --limit on the test split
-    "piqa":      dict(train_pool=240, epochs=1, lr=5e-4, test=500, max_length=128, batch=8, accum=2,
-                      compat_epochs=1, compat_lr=5e-4),
-    "samsum":    dict(train_pool=100, epochs=1, lr=5e-4, test=50, max_length=320, batch=4, accum=2,
-                      compat_epochs=1, compat_lr=5e-4, max_new_tokens=48),
-    "hellaswag": dict(train_pool=600, epochs=1, lr=3e-4, test=500, max_length=256, batch=8, accum=2,
-                      compat_epochs=1, compat_lr=3e-4),
-    "gsm8k":     dict(train_pool=400, epochs=1, lr=3e-4, test=50, max_length=512, batch=4, accum=4,
-                      compat_epochs=1, compat_lr=3e-4, max_new_tokens=160, num_fewshot=0),
-}
+# CPU: 2 shared cores, sessions of ~3 h (benchmarks/README.md has the measured stage times).
+# Test sets at their real sizes (issue 16); training pools, rank and epochs cut to fit.
+CPU = Profile(lora_r=8, lora_alpha=16.0, dtype="bfloat16", eval_batch=16, tasks={
+    "piqa":      TaskSizes(train_pool=400, test=None, epochs=1, lr=5e-4, max_length=128, batch=8,
+                           accum=2, warmup=5, compat_epochs=1, compat_lr=5e-4),
+    "hellaswag": TaskSizes(train_pool=1000, test=2000, epochs=1, lr=3e-4, max_length=256, batch=8,
+                           accum=2, warmup=5, compat_epochs=1, compat_lr=3e-4),
+    "samsum":    TaskSizes(train_pool=300, test=300, epochs=1, lr=5e-4, max_length=320, batch=4,
+                           accum=2, warmup=5, compat_epochs=1, compat_lr=5e-4, max_new_tokens=48),
+    "gsm8k":     TaskSizes(train_pool=1000, test=None, epochs=1, lr=3e-4, max_length=512, batch=4,
+                           accum=4, warmup=5, compat_epochs=1, compat_lr=3e-4, max_new_tokens=160,
+                           num_fewshot=0),
+})
+# The paper's Table 7: LoRA r=128, alpha=156, 10 epochs, lr 1e-4, grad-acc 8, 500 warmup steps,
+# full training sets (80/20), bf16 on a GPU (benchmarks/run_gpu_repro.sh). Batch 64 x grad-acc 2
+# = the 128 sequences per step of a per-device batch 16 x the paper's grad-acc 8, in 4x fewer
+# micro-steps (a 135M model on one GPU is launch-bound at batch 16).
+PAPER = Profile(lora_r=128, lora_alpha=156.0, dtype="bfloat16", eval_batch=64, tasks={
+    t: dataclasses.replace(s, train_pool=None, epochs=10, lr=1e-4, warmup=500, compat_epochs=10,
+                           compat_lr=1e-4, batch=64 if t != "gsm8k" else 16,
+                           accum=2 if t != "gsm8k" else 8)
+    for t, s in CPU.tasks.items()
+})
+PROFILES = {"cpu": CPU, "paper": PAPER}
 # (mask, ce_weight): the paper trains the likelihood masks with an auxiliary cross-entropy
 # ("CE + L_comp", Table 6) without giving lambda; 0.5 here.
 ABLATION_MASKS = [("always_v1", 0.0), ("v1_correct", 0.0), ("token_ll", 0.5), ("seq_ll", 0.5)]
 # fmt: on
-WARMUP = 5
 
 
-def data_dir(task: str) -> Path:
-    return DATA_DIR
+@dataclass
+class Run:
+    """Where things go and how the CLIs are called for one invocation."""
+
+    data_dir: Path
+    root: Path  # git-ignored work: bases, training run dirs, caches, logs
+    out: Path  # committed outputs
+    profile: Profile
+    device: str
+    base_v1: Path
+    base_v2: Path
+    limit_train: int | None = None  # overrides (a slice, a test)
+    limit_test: int | None = None
+
+    def sizes(self, task: str) -> TaskSizes:
+        s = self.profile.tasks[task]
+        if self.limit_train is not None:
+            s = dataclasses.replace(s, train_pool=self.limit_train)
+        if self.limit_test is not None:
+            s = dataclasses.replace(s, test=self.limit_test)
+        return s
 
 
-def run(stage: str, cmd: list[str], done: Path | None, times: dict) -> None:
-    """Run one CLI step with its log in runs/repro/logs; record wall time when it did work."""
-    if done is not None and done.exists():
-        print(f"[skip] {stage}: {done.relative_to(REPO)} exists", flush=True)
-        return
-    LOGS.mkdir(parents=True, exist_ok=True)
-    lock = LOGS / f"{stage}.lock"
-    if done is not None:
-        try:  # another invocation (e.g. a parallel --masks run) may be on this stage
-            os.close(os.open(lock, os.O_CREAT | os.O_EXCL))
-        except FileExistsError:
-            print(f"[wait] {stage}: locked by another run ({lock.relative_to(REPO)})", flush=True)
-            while not done.exists():
-                time.sleep(10)
-            return
+def data_dir(run: Run, task: str) -> Path:
+    return run.data_dir
+
+
+def rel(p: Path) -> str:
+    """Repository-relative when inside the repository (paths recorded in committed files)."""
     try:
-        _run(stage, cmd, times)
+        return str(Path(p).resolve().relative_to(REPO))
+    except ValueError:
+        return str(p)
+
+
+def stage(run: Run, name: str, cmd: list[str], done: Path | None, times: dict) -> bool:
+    """Run one CLI step (log in ROOT/logs) unless ``done`` exists; record its wall time.
+
+    Returns True when it ran. A lock file keeps two invocations off the same stage.
+    """
+    if done is not None and done.exists():
+        print(f"[skip] {name}: {rel(done)} exists", flush=True)
+        return False
+    logs = run.root / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    lock = logs / f"{name}.lock"
+    try:
+        os.close(os.open(lock, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        raise SystemExit(
+            f"{name}: locked by another run ({lock}); delete the lock if that run is gone"
+        ) from None
+    try:
+        log = logs / f"{name}.log"
+        print(f"[run ] {name}: {' '.join(cmd)}  (log {log})", flush=True)
+        t0 = time.time()
+        with open(log, "a") as f:
+            f.write(f"\n$ {' '.join(cmd)}\n")
+            f.flush()
+            env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+            rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        if rc != 0:
+            tail = log.read_text(errors="replace").splitlines()[-8:]
+            print("\n".join(f"  | {line[-300:]}" for line in tail), file=sys.stderr)
+            raise SystemExit(f"{name} failed (rc {rc}); see {log}")
+        times[name] = round(time.time() - t0, 1)
+        record_time(run, name, times[name])
+        return True
     finally:
         lock.unlink(missing_ok=True)
 
 
-def _run(stage: str, cmd: list[str], times: dict) -> None:
-    log = LOGS / f"{stage}.log"
-    print(f"[run ] {stage}: {' '.join(cmd)}  (log {log.relative_to(REPO)})", flush=True)
-    t0 = time.time()
-    with open(log, "a") as f:
-        f.write(f"\n$ {' '.join(cmd)}\n")
-        f.flush()
-        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-    dt = time.time() - t0
-    if rc != 0:
-        raise SystemExit(f"{stage} failed (rc {rc}); see {log}")
-    times[stage] = round(dt + times.get(stage, 0.0), 1)
+def record_time(run: Run, name: str, seconds: float) -> None:
+    f = run.out / "timings.json"
+    t = json.loads(f.read_text()) if f.is_file() else {}
+    t[name] = {"seconds": seconds, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **load()}
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_text(json.dumps(t, indent=1, sort_keys=True))
 
 
-def write_config(task: str) -> Path:
-    tdir = ROOT / task
+def load() -> dict:
+    try:
+        return {"loadavg_1m": round(os.getloadavg()[0], 2)}
+    except OSError:
+        return {}
+
+
+def write_config(run: Run, task: str) -> Path:
+    """runs/.../T/update.toml: v1, v2 on their bases, adapters from the committed folder."""
+    tdir = run.root / task
     tdir.mkdir(parents=True, exist_ok=True)
+    ad = run.out / task / "adapters"
     cfg = tdir / "update.toml"
+    d = run.profile.dtype
+
+    def at(p: Path) -> str:  # relative to the config, so recorded paths stay repo-relative
+        return os.path.relpath(p, tdir)
+
     cfg.write_text(
         f'task = "{task}"\n\n'
-        f'[models.v1]\nbase = "../base-v1"\nadapter = "v1"\ndtype = "{DTYPE}"\n\n'
-        f'[models.v2]\nbase = "../base-v2"\nadapter = "v2"\ndtype = "{DTYPE}"\n\n'
-        f'[models.v2c]\nbase = "../base-v2"\nadapter = "v2c"\ndtype = "{DTYPE}"\n'
+        f'[models.v1]\nbase = "{at(run.base_v1)}"\nadapter = "{at(ad / "v1")}"\ndtype = "{d}"\n\n'
+        f'[models.v2]\nbase = "{at(run.base_v2)}"\nadapter = "{at(ad / "v2")}"\ndtype = "{d}"\n\n'
+        f'[models.v2c]\nbase = "{at(run.base_v2)}"\nadapter = "{at(ad / "v2c")}"\ndtype = "{d}"\n'
     )
     return cfg
 
 
-def common_data(task: str, s: dict) -> list[str]:
+def common_data(run: Run, task: str, s: TaskSizes) -> list[str]:
+    out = ["--data-dir", str(data_dir(run, task)), "--max-length", str(s.max_length)]
+    if s.train_pool is not None:
+        out += ["--max-examples", str(s.train_pool)]
+    return out
+
+
+def train_args(run: Run, s: TaskSizes, compat: bool) -> list[str]:
     return [
-        "--data-dir",
-        str(data_dir(task)),
-        "--max-examples",
-        str(s["train_pool"]),
-        "--max-length",
-        str(s["max_length"]),
+        "--epochs",
+        str(s.compat_epochs if compat else s.epochs),
+        "--lr",
+        str(s.compat_lr if compat else s.lr),
+        "--warmup",
+        str(s.warmup),
+        "--batch-size",
+        str(s.batch),
+        "--grad-accum",
+        str(s.accum),
+        "--device",
+        run.device,
+        "--dtype",
+        run.profile.dtype,
     ]
 
 
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def keep_adapter(run_dir: Path, dest: Path) -> None:
+    """Copy a finished run's adapter and its small records into the committed folder."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for p in run_dir.iterdir():
+        if p.is_file() and (p.name in ADAPTER_FILES or p.suffix in (".json", ".jsonl")):
+            shutil.copy2(p, tmp / p.name)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+
+
+def task_adapter(run: Run, task: str, cfg: Path, name: str, times: dict) -> None:
+    s = run.sizes(task)
+    dest = run.out / task / "adapters" / name
+    work = run.root / task / name
+    cmd = [
+        str(BIN / "muscle-train"),
+        "--task",
+        task,
+        "--config",
+        rel(cfg),
+        "--model",
+        name,
+        "--out",
+        rel(work),
+        *common_data(run, task, s),
+        *train_args(run, s, compat=False),
+        "--lora-r",
+        str(run.profile.lora_r),
+        "--lora-alpha",
+        str(run.profile.lora_alpha),
+    ]
+    done = dest / "adapter_model.safetensors"
+    if done.exists():
+        print(f"[skip] {task}-train-{name}: {rel(done)} exists", flush=True)
+        return
+    stage(run, f"{task}-train-{name}", cmd, work / "adapter_model.safetensors", times)
+    keep_adapter(work, dest)
+
+
 def predict(
-    task: str, s: dict, cfg: Path, name: str, out: Path, times: dict, adapter: Path | None = None
+    run: Run, task: str, cfg: Path, model: str, out: Path, times: dict, adapter: Path | None = None
 ) -> None:
+    s = run.sizes(task)
     cmd = [
         str(BIN / "muscle-eval"),
         "predict",
         "--config",
-        str(cfg),
+        rel(cfg),
         "--model",
-        name.split("-")[0],
+        model,
         "--out",
-        str(out),
+        rel(out),
         "--data-dir",
-        str(data_dir(task)),
-        "--limit",
-        str(s["test"]),
+        str(data_dir(run, task)),
         "--device",
-        "cpu",
+        run.device,
         "--batch-size",
-        "8",
+        str(run.profile.eval_batch),
     ]
+    if s.test is not None:
+        cmd += ["--limit", str(s.test)]
     if adapter is not None:
-        cmd += ["--adapter", str(adapter)]
-    if "max_new_tokens" in s:
-        cmd += ["--max-new-tokens", str(s["max_new_tokens"])]
-    if "num_fewshot" in s:
-        cmd += ["--num-fewshot", str(s["num_fewshot"])]
-    run(f"{task}-predict-{name}", cmd, _finished(out), times)
+        cmd += ["--adapter", rel(adapter)]
+    if s.max_new_tokens is not None:
+        cmd += ["--max-new-tokens", str(s.max_new_tokens)]
+    if s.num_fewshot is not None:
+        cmd += ["--num-fewshot", str(s.num_fewshot)]
+    done = Path(str(out) + ".done")  # the sidecar is written first: this marks the end
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if stage(run, f"{task}-predict-{out.stem}", cmd, done, times):
+        done.touch()
 
 
-def _finished(pred: Path) -> Path:
-    # predict resumes by itself; the sidecar is written at the end -> use it as the done marker
-    return Path(str(pred) + ".done")
-
-
-def compat_train(
-    task: str, s: dict, out: Path, mask: str, times: dict, stage: str, ce_weight: float = 0.0
-) -> None:
+def cache_build(run: Run, task: str, cfg: Path, name: str, times: dict) -> Path:
+    s = run.sizes(task)
+    cache = run.root / "cache" / task
+    done = cache / f".repro-{name}.done"
     cmd = [
-        str(BIN / "muscle-train"),
-        "--cache",
-        str(ROOT / "cache" / task),
+        str(BIN / "muscle-cache"),
+        "build",
+        "--config",
+        rel(cfg),
+        "--model",
+        name,
         "--out",
-        str(out),
-        "--mask",
-        mask,
-        "--epochs",
-        str(s["compat_epochs"]),
-        "--lr",
-        str(s["compat_lr"]),
-        "--warmup",
-        str(WARMUP),
-        "--batch-size",
-        str(s["batch"]),
-        "--grad-accum",
-        str(s["accum"]),
-        "--temperature",
-        "2",
-        "--ce-weight",
-        str(ce_weight),
+        rel(cache),
+        *common_data(run, task, s),
         "--device",
-        "cpu",
+        run.device,
         "--dtype",
-        DTYPE,
+        run.profile.dtype,
+        "--quiet",
+        "--batch-size",
+        str(run.profile.eval_batch),
     ]
-    run(stage, cmd, out / "adapter_model.safetensors", times)
+    if stage(run, f"{task}-cache-{name}", cmd, done, times):
+        done.touch()
+    return cache
 
 
-def task_pipeline(task: str, times: dict, ablation: bool, masks: list[str] | None = None) -> dict:
-    s = TASKS[task]
-    cfg = write_config(task)
-    tdir = ROOT / task
-    for name in ("v1", "v2"):
-        if name == "v2":
-            ensure_bases(times)
-        cmd = [
-            str(BIN / "muscle-train"),
+def compat_adapter(
+    run: Run, task: str, cfg: Path, label: str, mask: str, ce: float, times: dict, online: bool
+) -> Path:
+    """Train v2c (mask, ce weight) from the cache or online; returns its adapter dir."""
+    s = run.sizes(task)
+    work = run.root / task / label
+    cmd = [str(BIN / "muscle-train")]
+    if online:
+        cmd += [
+            "--online",
             "--task",
             task,
             "--config",
-            str(cfg),
-            "--model",
-            name,
-            "--out",
-            str(tdir / name),
-            *common_data(task, s),
-            "--epochs",
-            str(s["epochs"]),
-            "--lr",
-            str(s["lr"]),
-            "--warmup",
-            str(WARMUP),
-            "--batch-size",
-            str(s["batch"]),
-            "--grad-accum",
-            str(s["accum"]),
-            "--lora-r",
-            str(LORA_R),
-            "--lora-alpha",
-            str(LORA_ALPHA),
-            "--device",
-            "cpu",
-            "--dtype",
-            DTYPE,
+            rel(cfg),
+            "--v1",
+            "v1",
+            "--v2",
+            "v2",
+            "--top-k",
+            str(online_top_k(run)),
+            *common_data(run, task, s),
         ]
-        run(f"{task}-train-{name}", cmd, tdir / name / "adapter_model.safetensors", times)
-        if name == "v1":
-            (tdir / "pred").mkdir(exist_ok=True)
-            _predict_marked(task, s, cfg, "v1", tdir / "pred" / "v1.jsonl", times)
-    preds = tdir / "pred"
-    preds.mkdir(exist_ok=True)
-    for name in ("v2",):
-        _predict_marked(task, s, cfg, name, preds / f"{name}.jsonl", times)
-    cache = ROOT / "cache" / task
-    for name in ("v1", "v2"):
-        cmd = [
-            str(BIN / "muscle-cache"),
-            "build",
-            "--config",
-            str(cfg),
-            "--model",
-            name,
-            "--out",
-            str(cache),
-            *common_data(task, s),
-            "--device",
-            "cpu",
-            "--dtype",
-            DTYPE,
-            "--quiet",
-            "--batch-size",
-            "8",
-        ]
-        run(f"{task}-cache-{name}", cmd, cache / f".repro-{name}.done", times)
-        (cache / f".repro-{name}.done").touch()
-    out = {"sizes": s, "lora": {"r": LORA_R, "alpha": LORA_ALPHA}}
-    if not masks:  # (--masks alone: only those ablation runs, e.g. in parallel with the main run)
-        compat_train(task, s, tdir / "v2c", "v2c_wrong", times, f"{task}-train-v2c")
-        _predict_marked(task, s, cfg, "v2c", preds / "v2c.jsonl", times)
-        out["report"] = _compare(
-            task,
-            [preds / "v1.jsonl", preds / "v2.jsonl", preds / "v2c.jsonl"],
-            tdir / "compare",
-            times,
-        )
-    if ablation:
-        out["ablation"] = {"v2c_wrong": out["report"]} if "report" in out else {}
-        for mask, ce in ABLATION_MASKS:
-            if masks and mask not in masks:
-                continue
-            adir = tdir / f"v2c-{mask}"
-            compat_train(task, s, adir, mask, times, f"{task}-train-v2c-{mask}", ce)
-            _predict_marked(
-                task, s, cfg, f"v2c-{mask}", preds / f"v2c-{mask}.jsonl", times, adapter=adir
-            )
-            out["ablation"][mask] = _compare(
-                task,
-                [preds / "v1.jsonl", preds / "v2.jsonl", preds / f"v2c-{mask}.jsonl"],
-                tdir / f"compare-{mask}",
-                times,
-            )
-    return out
+    else:
+        cmd += ["--cache", rel(run.root / "cache" / task)]
+    cmd += [
+        "--out",
+        rel(work),
+        "--mask",
+        mask,
+        "--temperature",
+        "2",
+        "--ce-weight",
+        str(ce),
+        *train_args(run, s, compat=True),
+    ]
+    stage(run, f"{task}-train-{label}", cmd, work / "adapter_model.safetensors", times)
+    return work
 
 
-def _predict_marked(task, s, cfg, name, out: Path, times, adapter=None) -> None:
-    predict(task, s, cfg, name, out, times, adapter)
-    _finished(out).touch()
+def online_top_k(run: Run) -> int:
+    """The vocabulary minus one: the (K+1)-bin loss then has one token in its rest bin, i.e.
+    it is the full-vocabulary KL (SmolLM2: 49,151)."""
+    return int(json.loads((run.base_v2 / "config.json").read_text())["vocab_size"]) - 1
 
 
-def _compare(task: str, files: list[Path], stem: Path, times: dict) -> dict:
-    j = stem.with_suffix(".json")
+def compare(run: Run, task: str, files: list[Path], stem: str, times: dict) -> dict:
+    j = run.out / task / f"{stem}.json"
     cmd = [
         str(BIN / "muscle-eval"),
         "compare",
-        *map(str, files),
+        *(rel(f) for f in files),
         "--json",
-        str(j),
+        rel(j),
         "--markdown",
-        str(stem.with_suffix(".md")),
+        rel(j.with_suffix(".md")),
     ]
-    run(f"{task}-compare-{stem.name}", cmd, None, times)
-    rep = json.loads(j.read_text())
-    rep["paired"] = paired_flips(*files)
-    return rep
+    stage(run, f"{task}-{stem}", cmd, None, times)
+    return json.loads(j.read_text())
 
 
-def paired_flips(v1: Path, v2: Path, v2c: Path) -> dict:
-    """How much of ΔNFR_c is noise: the regressions of v2 that v2c avoids vs the new ones it adds.
-
-    Exact two-sided sign test on those discordant examples (H0: MUSCLE changes nothing). For a
-    continuous score (ROUGE-1) the same on "D < 0" (smooth negative flips).
-    """
-    from math import comb
-
-    def load(f):
-        return {r["id"]: r for r in map(json.loads, open(f))}
-
-    a, b, c = load(v1), load(v2), load(v2c)
-    ids = sorted(set(a) & set(b) & set(c))
-
-    def neg(old, new):
-        if old.get("correct") is None:
-            return new["score"] < old["score"]
-        return bool(old["correct"]) and not new["correct"]
-
-    r2 = {i for i in ids if neg(a[i], b[i])}
-    rc = {i for i in ids if neg(a[i], c[i])}
-    fixed, added = len(r2 - rc), len(rc - r2)
-    k, n = min(fixed, added), fixed + added
-    p = min(1.0, 2 * sum(comb(n, j) for j in range(k + 1)) / 2**n) if n else 1.0
-    return {
-        "n": len(ids),
-        "neg_v2": len(r2),
-        "neg_v2c": len(rc),
-        "avoided": fixed,
-        "added": added,
-        "sign_test_p": p,
-        "v2c_differs_from_v2": sum(c[i]["prediction"] != b[i]["prediction"] for i in ids),
-    }
+def variant(run: Run, task: str, cfg: Path, label: str, mask: str, ce: float, times, online=False):
+    """One v2c variant: train (unless its predictions are committed), predict, compare."""
+    pred = run.out / task / "pred" / f"{label}.jsonl"
+    done = Path(str(pred) + ".done")
+    if done.exists():
+        print(f"[skip] {task}-train+predict-{label}: {rel(done)} exists", flush=True)
+    else:
+        work = compat_adapter(run, task, cfg, label, mask, ce, times, online)
+        if label == "v2c":  # the main v2c's adapter is committed; the variants' are not
+            dest = run.out / task / "adapters" / "v2c"
+            if not (dest / "adapter_model.safetensors").exists():
+                keep_adapter(work, dest)
+            predict(run, task, cfg, "v2c", pred, times)
+        else:
+            predict(run, task, cfg, "v2c", pred, times, adapter=work)
+        for log in ("train_log.jsonl", "muscle_run.json"):  # small records of the run
+            if (work / log).is_file():
+                shutil.copy2(work / log, run.out / task / "pred" / f"{label}.{log}")
+    p = run.out / task / "pred"
+    return compare(run, task, [p / "v1.jsonl", p / "v2.jsonl", pred], f"compare-{label}", times)
 
 
-V2_STEPS = 16
+def task_pipeline(
+    run: Run, task: str, times: dict, ablation: bool, online: bool, upto: str
+) -> dict:
+    cfg = write_config(run, task)
+    pred = run.out / task / "pred"
+    for name in ("v2", "v1"):  # v2 first: it needs no healed v1
+        if name == "v1":
+            ensure_v1(run, times)
+        task_adapter(run, task, cfg, name, times)
+        predict(run, task, cfg, name, pred / f"{name}.jsonl", times)
+    res: dict = {"sizes": dataclasses.asdict(run.sizes(task))}
+    res["disagreement_v1_v2"] = disagreement(pred / "v1.jsonl", pred / "v2.jsonl")
+    res["report_v1_v2"] = compare(
+        run, task, [pred / "v1.jsonl", pred / "v2.jsonl"], "compare-v1-v2", times
+    )
+    if upto == "pair":
+        return res
+    labels = ["v2c"] + ["v2c-online"] * online + [f"v2c-{m}" for m, _ in ABLATION_MASKS] * ablation
+    if not all(Path(f"{pred / label}.jsonl.done").exists() for label in labels):
+        for name in ("v1", "v2"):  # only when some v2c is still to train (tens of MB, rebuilt)
+            cache_build(run, task, cfg, name, times)
+    res["report"] = variant(run, task, cfg, "v2c", "v2c_wrong", 0.0, times)
+    if online:
+        res["online"] = variant(run, task, cfg, "v2c-online", "v2c_wrong", 0.0, times, online=True)
+    if ablation:
+        res["ablation"] = {"v2c_wrong": res["report"]}
+        for mask, ce in ABLATION_MASKS:
+            res["ablation"][mask] = variant(run, task, cfg, f"v2c-{mask}", mask, ce, times)
+    return res
 
 
-def ensure_bases(times: dict) -> None:
-    """base-v2 (continued pretraining); waits if another invocation is building it."""
-    target = ROOT / "base-v2" / "model.safetensors"
-    lock = ROOT / "base-v2.building"
-    while lock.exists() and not target.exists():
-        time.sleep(10)
-    if target.exists():
+def ensure_v1(run: Run, times: dict) -> None:
+    """base-v1 (and base-v2) from the committed recipe (benchmarks/repro_pair.py)."""
+    lock = run.base_v1.parent / "pair.building"  # repro_pair.BUILD_LOCK
+    while lock.exists():  # a build started by hand (e.g. healing) is running: wait for it
+        time.sleep(30)
+    if (run.base_v1 / "model.safetensors").is_file():
         return
-    lock.touch()
-    try:
-        run(
-            "bases",
-            [
-                sys.executable,
-                str(REPO / "benchmarks" / "repro_bases.py"),
-                "--root",
-                str(ROOT),
-                "--steps",
-                str(V2_STEPS),
-            ],
-            target,
-            times,
-        )
-    finally:
-        lock.unlink(missing_ok=True)
-
-
-def train_walls(tdir: Path) -> dict:
-    """Wall seconds of each training run, from its own record (start) to its adapter's mtime:
-    also covers runs whose driver was restarted (their times are not in wall_seconds)."""
-    from datetime import datetime
-
-    out = {}
-    for d in sorted(tdir.iterdir()):
-        mr, ad = d / "muscle_run.json", d / "adapter_model.safetensors"
-        if mr.is_file() and ad.is_file():
-            started = datetime.fromisoformat(json.loads(mr.read_text())["started"]).timestamp()
-            out[d.name] = round(ad.stat().st_mtime - started, 1)
-    return out
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks" / "repro_pair.py"),
+        "--data-dir",
+        str(run.data_dir),
+        "--root",
+        str(run.base_v1.parent),
+    ]
+    stage(run, "bases", cmd, run.base_v1 / "model.safetensors", times)
 
 
 def machine() -> dict:
     import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
     from bench_common import cpu_name
 
     return {
         "cpu": cpu_name(),
         "cores": os.cpu_count(),
+        "threads": int(os.environ.get("OMP_NUM_THREADS", "1")),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "note": "2 cores shared with other jobs; all runs under nice -n 10, so wall times are upper bounds",
     }
 
 
-def main() -> None:
-    if "--table" in sys.argv:  # print the table of the results file only
-        print(markdown(json.loads(RESULTS.read_text())))
-        return
+def usage_error(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument(
-        "--tasks", default="piqa,samsum", help="comma-separated: piqa,samsum,hellaswag,gsm8k"
-    )
-    ap.add_argument("--ablation", action="store_true", help="PIQA mask ablation (paper Table 6)")
-    ap.add_argument(
-        "--masks", default="", help="ablation masks to run (default: all), e.g. seq_ll,token_ll"
-    )
-    ap.add_argument(
-        "--v2-steps", type=int, default=16, help="continued-pretraining steps for base-v2"
-    )
-    ap.add_argument(
         "--data-dir",
+        type=Path,
         default=os.environ.get("MUSCLE_DATA_DIR"),
         help="the full task data, laid out as DATA_FORMAT.md says (default: $MUSCLE_DATA_DIR)",
     )
-    a = ap.parse_args()
+    ap.add_argument("--tasks", default="piqa", help="comma-separated: piqa,hellaswag,samsum,gsm8k")
+    ap.add_argument("--ablation", action="store_true", help="PIQA mask ablation (paper Table 6)")
+    ap.add_argument("--online", action="store_true", help="PIQA v2c trained online as well")
+    ap.add_argument("--upto", choices=["pair", "all"], default="all", help="pair: v1/v2 only")
+    ap.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--root", type=Path, default=REPO / "runs" / "repro2")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "repro2")
+    ap.add_argument("--base-v1", type=Path, help="default: ROOT/base-v1 (built by repro_pair.py)")
+    ap.add_argument("--base-v2", type=Path, help="default: ROOT/base-v2")
+    ap.add_argument("--limit-train", type=int, help="override every task's training pool")
+    ap.add_argument("--limit-test", type=int, help="override every task's test size")
+    ap.add_argument("--table", action="store_true", help="print OUT/results.json's table only")
+    a = ap.parse_args(argv)
+    if a.table:
+        print(markdown(json.loads((a.out / "results.json").read_text())))
+        return
+    tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
+    bad = [t for t in tasks if t not in CPU.tasks]
+    if bad:
+        usage_error(f"unknown task(s) {', '.join(bad)}: choose from {', '.join(sorted(CPU.tasks))}")
     root = Path(a.data_dir) if a.data_dir else None
-    missing = [
-        t for t in a.tasks.split(",") if t.strip() and not (root and (root / t.strip()).is_dir())
-    ]
+    missing = [t for t in tasks if not (root and (root / t).is_dir())]
     if missing:
-        print(
-            f"error: no task data for {', '.join(missing)} in {root or 'no folder'}: pass"
-            " --data-dir (or set MUSCLE_DATA_DIR) to a folder laid out as DATA_FORMAT.md says",
-            file=sys.stderr,
+        usage_error(
+            f"no task data for {', '.join(missing)} in {root or 'no folder'}: pass"
+            " --data-dir (or set MUSCLE_DATA_DIR) to a folder laid out as DATA_FORMAT.md says"
         )
-        raise SystemExit(2)
-    times: dict = {}
-    t0 = time.time()
-    global V2_STEPS, DATA_DIR
-    V2_STEPS, DATA_DIR = a.v2_steps, root
-    run(
-        "bases-v1",
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "repro_bases.py"),
-            "--root",
-            str(ROOT),
-            "--only-v1",
-        ],
-        ROOT / "base-v1" / "model.safetensors",
-        times,
+    run = Run(
+        data_dir=root.resolve(),
+        root=a.root.resolve(),
+        out=a.out.resolve(),
+        profile=PROFILES[a.profile],
+        device=a.device,
+        base_v1=(a.base_v1 or a.root / "base-v1").resolve(),
+        base_v2=(a.base_v2 or a.root / "base-v2").resolve(),
+        limit_train=a.limit_train,
+        limit_test=a.limit_test,
     )
-    for task in [t.strip() for t in a.tasks.split(",") if t.strip()]:
+    if not (run.base_v2 / "config.json").is_file():
+        ensure_v1(run, {})  # repro_pair.py builds base-v2 first
+    t0 = time.time()
+    for task in tasks:
+        times: dict = {}
         res = task_pipeline(
-            task,
-            times,
-            a.ablation and task == "piqa",
-            [m for m in a.masks.split(",") if m] if a.masks else None,
+            run, task, times, a.ablation and task == "piqa", a.online and task == "piqa", a.upto
         )
-        # merge with what other (parallel) invocations wrote meanwhile
-        results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"tasks": {}}
-        results.setdefault("tasks", {})
-        results["wall_seconds"] = {**results.get("wall_seconds", {}), **times}
-        prev = results["tasks"].get(task, {})
-        if "report" not in res and "report" in prev:
-            res["report"] = prev["report"]
-        if "ablation" in prev or "ablation" in res:
-            res["ablation"] = {**prev.get("ablation", {}), **res.get("ablation", {})}
-        results["tasks"][task] = res
-        upd = ROOT / "base-v2" / "repro_update.json"
-        if upd.is_file():
-            results["update"] = {k: v for k, v in json.loads(upd.read_text()).items() if k != "log"}
+        f = run.out / "results.json"
+        results = json.loads(f.read_text()) if f.is_file() else {"tasks": {}}
+        results["tasks"][task] = {**results["tasks"].get(task, {}), **res}
         results["machine"] = machine()
-        res["train_wall_seconds_from_files"] = train_walls(ROOT / task)
-        results["threads"] = int(os.environ.get("OMP_NUM_THREADS", "1"))
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=1))
-    if RESULTS.is_file():
-        print(markdown(json.loads(RESULTS.read_text())))
+        results["profile"] = a.profile
+        results["lora"] = {"r": run.profile.lora_r, "alpha": run.profile.lora_alpha}
+        f.write_text(json.dumps(results, indent=1))
+    print(markdown(json.loads((run.out / "results.json").read_text())))
     print(f"total wall {time.time() - t0:.0f}s")
+
+
+def disagreement(a: Path, b: Path) -> dict:
+    """How often two models' answers differ (issue 16 asks >= 10% for the pair on PIQA)."""
+    pa = {r["id"]: r["prediction"] for r in map(json.loads, a.read_text().splitlines())}
+    pb = {r["id"]: r["prediction"] for r in map(json.loads, b.read_text().splitlines())}
+    ids = pa.keys() & pb.keys()
+    k = sum(pa[i] != pb[i] for i in ids)
+    return {"n": len(ids), "differ": k, "rate": k / len(ids) if ids else None}
 
 
 def _p(x, d=1):
     return "–" if x is None else f"{100 * x:.{d}f}"
 
 
-def _counts(report: dict) -> tuple:
-    """(regressions v1->v2, regressions v1->v2c) as counts of examples (None for ROUGE tasks)."""
-    c = report.get("comparisons", [])
-    return tuple(c[i].get("regression") if i < len(c) else None for i in (0, 1))
+def _ci(ci: dict | None, key: str, signed: bool = False) -> str:
+    iv = (ci or {}).get(key)
+    if not iv:
+        return ""
+    f = (lambda v: f"{100 * v:+.1f}") if signed else (lambda v: f"{100 * v:.1f}")
+    return f" [{f(iv['low'])}, {f(iv['high'])}]"
+
+
+def _test(t: dict | None) -> str:
+    return "–" if not t else f"{t['b']} / {t['c']} (p = {t['p']:.3g})"
 
 
 def markdown(results: dict) -> str:
+    """Tables for benchmarks/README.md from OUT/results.json: the pair (v1 -> v2) and every v2c
+    variant, with compare's 95% paired-bootstrap intervals and exact sign tests."""
     out = [
-        "| task | n test | score v1 | score v2 | score v2c | NFR v1→v2 (flips) | NFR v1→v2c (flips) "
-        "| ΔNFR_c | Δ%NFR_c | NFR_mc v2 | NFR_mc v2c | smooth NFR v2 → v2c | m_g v2 → v2c | m_r v2 → v2c |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| task | n | score v1 | score v2 | v1/v2 answers differ | NFR v1→v2 (flips) | PFR v1→v2 "
+        "| gains / regressions (sign-test p) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for task, r in results.get("tasks", {}).items():
-        if "report" not in r:
+        rep = r.get("report_v1_v2")
+        if not rep:
             continue
-        row = r["report"]["paper_row"]
-        f2, f2c = _counts(r["report"])
-
-        def flips(rate, k):
-            return "–" if rate is None else f"{_p(rate)} ({k})"
-
+        c, ci = rep["comparisons"][0], rep["ci"]["comparisons"][0]
+        t = rep["tests"]["comparisons"][0]["flips"]
+        d = r.get("disagreement_v1_v2", {})
         out.append(
-            f"| {task} | {row['n']} | {_p(row['score_v1'])} | {_p(row['score_v2'])} | {_p(row['score_v2c'])} "
-            f"| {flips(row['nfr'], f2)} | {flips(row['nfr_c'], f2c)} | {_p(row['delta_nfr_c'])} "
-            f"| {_p(row['rel_delta_nfr_c'])} | {_p(row['nfr_mc'])} | {_p(row['nfr_mc_c'])} "
-            f"| {_p(row['nfr_smooth'])} → {_p(row['nfr_smooth_c'])} ({_p(row['rel_delta_nfr_smooth_c'])}%) "
-            f"| {_p(row['m_g'])} → {_p(row['m_g_c'])} | {_p(row['m_r'])} → {_p(row['m_r_c'])} |"
+            f"| {task} | {c['n']} | {_p(c['old_score'])}{_ci(ci, 'old_score')} "
+            f"| {_p(c['new_score'])}{_ci(ci, 'new_score')} | {_p(d.get('rate'))} ({d.get('differ')}) "
+            f"| {_p(c['nfr'])}{_ci(ci, 'nfr')} ({c['regression']}) | {_p(c['pfr'])}{_ci(ci, 'pfr')} "
+            f"| {_test(t)} |"
         )
+    out += [
+        "",
+        "| task | v2c | n | score v2c | Δscore v2c−v2 | NFR v1→v2c | ΔNFR_c | Δ%NFR_c "
+        "| v2 regressions avoided / added (sign-test p) | PFR v1→v2c |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for task, r in results.get("tasks", {}).items():
-        if "ablation" not in r:
-            continue
-        out += [
-            "",
-            f"Mask ablation ({task}, paper Table 6): v1 → v2c trained with each mask from the same cache",
-            "",
-            "| mask | score v2c | ΔAcc vs v2 | NFR v1→v2c (flips) | ΔNFR_c | Δ%NFR_c | PFR v1→v2c | ΔPFR_c |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for mask, rep in r["ablation"].items():
-            row = rep["paper_row"]
-            _, k = _counts(rep)
+        variants = {"v2c": r.get("report"), "v2c online": r.get("online")}
+        variants |= {f"mask {m}": v for m, v in r.get("ablation", {}).items() if m != "v2c_wrong"}
+        for label, rep in variants.items():
+            if not rep or not rep.get("paper_row"):
+                continue
+            row, ci = rep["paper_row"], rep["ci"]["paper_row"]
+            t = (rep["tests"]["paper_row"] or {}).get("nfr_c_vs_nfr")
             out.append(
-                f"| {mask} | {_p(row['score_v2c'])} | {_p(row['delta_score_c'])} | {_p(row['nfr_c'])} ({k}) "
-                f"| {_p(row['delta_nfr_c'])} | {_p(row['rel_delta_nfr_c'])} | {_p(row['pfr_c'])} "
-                f"| {_p(row['delta_pfr_c'])} |"
+                f"| {task} | {label} | {row['n']} | {_p(row['score_v2c'])}{_ci(ci, 'score_v2c')} "
+                f"| {_p(row['delta_score_c'])}{_ci(ci, 'delta_score_c', True)} "
+                f"| {_p(row['nfr_c'])}{_ci(ci, 'nfr_c')} "
+                f"| {_p(row['delta_nfr_c'])}{_ci(ci, 'delta_nfr_c', True)} "
+                f"| {_p(row['rel_delta_nfr_c'])} | {_test(t)} | {_p(row['pfr_c'])} |"
             )
     return "\n".join(out)
 
