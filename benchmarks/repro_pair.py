@@ -63,11 +63,11 @@ class HealConfig:
     keep: tuple[int, ...]  # indices of v2's decoder layers that v1 keeps, in order
     r: int = 8
     alpha: float = 16.0
-    steps: int = 100
+    steps: int = 40
     batch: int = 4
     seq_len: int = 256
     lr: float = 1e-3
-    warmup: int = 10
+    warmup: int = 4
     seed: int = 0
 
     def to_json(self) -> dict:
