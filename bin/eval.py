@@ -124,9 +124,18 @@ def compare_cmd(
     type=int,
     default=8,
     show_default=True,
-    help="Sequences per forward pass (and examples per write).",
+    help="Sequences per forward pass (multiple choice: choices; generation: rows decoded "
+    "together).",
 )
 @click.option("--num-fewshot", type=int, help="Few-shot examples (default: the task's).")
+@click.option(
+    "--fewshot-sampler",
+    type=click.Choice(["random", "first_n"]),
+    default="random",
+    show_default=True,
+    help="Shots per example drawn at random (seeded by the example id), or the first N "
+    "training examples for every example (one shared prompt prefix, encoded once).",
+)
 @click.option("--max-new-tokens", type=int, help="Generation length cap (default: the task's).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
 @click.option("--dtype", help="float32, bfloat16, float16 or auto (default: the model's spec).")
@@ -145,6 +154,7 @@ def predict_cmd(
     limit: int | None,
     batch_size: int,
     num_fewshot: int | None,
+    fewshot_sampler: str,
     max_new_tokens: int | None,
     device: str,
     dtype: str | None,
@@ -152,7 +162,9 @@ def predict_cmd(
     json_out: bool,
 ) -> None:
     """Per-example predictions of one model on one task, as JSONL (PREDICTIONS_FORMAT.md) plus a
-    sidecar OUT.meta.json. Re-running the same command resumes an interrupted run."""
+    sidecar OUT.meta.json. Re-running the same command resumes an interrupted run (the file
+    ends byte-identical to an uninterrupted run's); a second predict on the same OUT is refused
+    while the first runs."""
     from muscle.evaluate import format_summary, predict
     from muscle.update import load_update_config, resolve_model
 
@@ -173,6 +185,7 @@ def predict_cmd(
         limit=limit,
         batch_size=batch_size,
         num_fewshot=num_fewshot,
+        fewshot_sampler=fewshot_sampler,
         max_new_tokens=max_new_tokens,
         device=device,
         overwrite=overwrite,

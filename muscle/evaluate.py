@@ -5,23 +5,36 @@ Two ways of asking a model, the ways lm-eval-harness asks them:
 * **multiple choice** (PIQA, HellaSwag): the log-likelihood of each choice's continuation
   ``target_delimiter + choice`` given the context, summed over the continuation's tokens;
   ``acc`` takes the argmax of the sums, ``acc_norm`` the argmax of the sums divided by the
-  choice's character length (``metrics.multiple_choice``). Context and continuation are
+  choice's character length (``task_metrics.multiple_choice``). Context and continuation are
   tokenized by ``data.split_context_answer``, lm-eval's split, so the token streams agree.
+  ``eval_scoring`` computes them: length-sorted batches over a window, the LM head on the
+  scored rows only, and the context encoded once per document where that pays (HellaSwag,
+  not PIQA: the choice is made from the token counts, see its docstring).
 * **generation** (GSM8K, SAMSum): greedy decoding until a stop string, the EOS token or
   ``max_new_tokens``; the text is cut at the first stop string. GSM8K is scored with lm-eval's
   strict-match / flexible-extract exact match, SAMSum with ROUGE-1 F (paper App. A.1, which
-  also asks for ``no_repeat_ngram_size=2``).
+  also asks for ``no_repeat_ngram_size=2``). ``eval_generation`` decodes: rows refilled as
+  they finish, a KV cache written in place, a prefix common to all prompts encoded once.
 
-The output is a predictions file (``PREDICTIONS_FORMAT.md``) and its sidecar. A run appends one
-batch of records at a time, so an interrupted run re-run with the same command resumes: the
-sidecar's *identity* (task, split, data, model, adapter, dtype, scoring options) must match,
-otherwise the file is refused unless ``overwrite``. ``limit``, ``batch_size`` and ``device`` are
-not part of the identity: a larger ``limit`` extends a file, a smaller one adds nothing.
+The output is a predictions file (``PREDICTIONS_FORMAT.md``) and its sidecar. Examples are
+computed in **windows** of a fixed number of consecutive examples counted from the start of the
+split (:data:`WINDOWS`), each written at once when it is done. A window's batches depend only
+on the window, so an interrupted run re-run with the same command recomputes the window it
+stopped in and writes what is missing: the file ends byte-identical to an uninterrupted run's
+(with the same ``batch_size`` and window; another ``batch_size`` or device gives records that
+differ in the last bits of the log-likelihoods). The sidecar's *identity* (task, split, data,
+model, adapter, dtype, scoring options) must match, otherwise the file is refused unless
+``overwrite``. ``limit``, ``batch_size``, the window and ``device`` are not part of the
+identity: a larger ``limit`` extends a file, a smaller one adds nothing. One process writes a
+file at a time (a lock file beside it, ``predictions.lock_path``); a second is refused.
 
 Few-shot prompts (GSM8K: 5 shots by default) draw their shots from the task's ``train`` split.
 lm-eval draws each document's shots from one seeded generator shared by all documents, so its
-shots depend on the order documents are visited; here each example's shots are drawn from a
-generator seeded by ``(fewshot_seed, example id)``, so a resumed run builds the same prompts.
+shots depend on the order documents are visited; here (``fewshot_sampler="random"``, the
+default) each example's shots are drawn from a generator seeded by ``(fewshot_seed, example
+id)``, so a resumed run builds the same prompts. ``fewshot_sampler="first_n"`` (lm-eval's
+sampler of that name) gives every example the first ``num_fewshot`` training examples: one
+prompt prefix for the whole run, which generation encodes once per window.
 """
 
 from __future__ import annotations
@@ -38,20 +51,34 @@ import torch
 
 from muscle import MuscleError, __version__
 from muscle.config import ModelSpec
-from muscle.data import model_max_length, split_context_answer
-from muscle.metrics import gsm8k_answer, gsm8k_normalize, gsm8k_target, multiple_choice, rouge1
+from muscle.data import model_max_length
+from muscle.eval_generation import generate_texts
+from muscle.eval_scoring import loglikelihood_requests, score_documents
+from muscle.locking import writer_lock
 from muscle.predictions import (
     PredictionWriter,
+    lock_path,
     meta_path,
     read_meta,
     read_predictions,
     write_meta,
 )
+from muscle.task_metrics import (
+    gsm8k_answer,
+    gsm8k_normalize,
+    gsm8k_target,
+    multiple_choice,
+    rouge1,
+)
 from muscle.tasks import Example, Task, dataset_fingerprint, fewshot_prefix, get_task, load_examples
 
 FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed
+FEWSHOT_SAMPLERS = ("random", "first_n")
 DEFAULT_BATCH_SIZE = 8
 FALLBACK_MAX_LENGTH = 2048  # lm-eval's HFLM default when neither model nor tokenizer says
+# Examples per window, by task kind. Larger windows sort more requests by length (less
+# padding) and keep more generation rows busy; a kill loses at most one window of work.
+WINDOWS = {"multiple_choice": 512, "generate": 128}
 
 
 # --------------------------------------------------------------------------------- options
@@ -63,6 +90,7 @@ class PredictOptions:
 
     num_fewshot: int
     fewshot_seed: int
+    fewshot_sampler: str  # "random" (per example, seeded by its id) | "first_n"
     max_new_tokens: int | None  # generation tasks only
     no_repeat_ngram_size: int
     stop_strings: tuple[str, ...]
@@ -81,17 +109,24 @@ def task_options(
     num_fewshot: int | None = None,
     max_new_tokens: int | None = None,
     fewshot_seed: int = FEWSHOT_SEED,
+    fewshot_sampler: str = "random",
 ) -> PredictOptions:
     """The task's defaults with the caller's overrides."""
     n_shots = task.num_fewshot if num_fewshot is None else num_fewshot
     if n_shots < 0:
         raise MuscleError(f"--num-fewshot must be >= 0, got {n_shots}")
+    if fewshot_sampler not in FEWSHOT_SAMPLERS:
+        raise MuscleError(
+            f"--fewshot-sampler must be one of {', '.join(FEWSHOT_SAMPLERS)}, "
+            f"got {fewshot_sampler!r}"
+        )
     generate = task.kind == "generate"
     if max_new_tokens is not None and max_new_tokens < 1:
         raise MuscleError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     return PredictOptions(
         num_fewshot=n_shots,
         fewshot_seed=fewshot_seed,
+        fewshot_sampler=fewshot_sampler,
         max_new_tokens=(max_new_tokens or task.max_new_tokens) if generate else None,
         no_repeat_ngram_size=task.no_repeat_ngram_size if generate else 0,
         stop_strings=task.stop_strings if generate else (),
@@ -103,12 +138,16 @@ def task_options(
 # --------------------------------------------------------------------------------- prompts
 
 
-def fewshot_shots(pool: Sequence[Example], n: int, seed: int, example_id: Any) -> list[Example]:
+def fewshot_shots(
+    pool: Sequence[Example], n: int, seed: int, example_id: Any, sampler: str = "random"
+) -> list[Example]:
     """``n`` shots for one example, the same whatever order examples are visited in."""
     if n == 0:
         return []
     if n > len(pool):
         raise MuscleError(f"--num-fewshot {n} but the train split has only {len(pool)} examples")
+    if sampler == "first_n":
+        return list(pool[:n])
     # random.Random hashes a str seed with SHA-512: stable across runs and Python versions.
     rng = random.Random(f"{seed}:{json.dumps(example_id)}")
     return rng.sample(list(pool), n)
@@ -119,183 +158,13 @@ def build_contexts(
 ) -> list[str]:
     """The prompt of each example: few-shot prefix + the example's context."""
     return [
-        fewshot_prefix(task, fewshot_shots(pool, opts.num_fewshot, opts.fewshot_seed, ex.id))
+        fewshot_prefix(
+            task,
+            fewshot_shots(pool, opts.num_fewshot, opts.fewshot_seed, ex.id, opts.fewshot_sampler),
+        )
         + ex.context
         for ex in examples
     ]
-
-
-# -------------------------------------------------------------------------- log-likelihood
-
-
-@dataclass(frozen=True)
-class LoglikelihoodRequest:
-    context: list[int]  # token ids, BOS included when the tokenizer adds one
-    continuation: list[int]
-
-
-def loglikelihood_requests(
-    tokenizer, contexts: Sequence[str], continuations: Sequence[str]
-) -> list[LoglikelihoodRequest]:
-    out = []
-    for context, continuation in zip(contexts, continuations, strict=True):
-        ctx, cont = split_context_answer(tokenizer, context, continuation)
-        if not cont:
-            raise MuscleError(f"the continuation {continuation!r} encodes to no tokens")
-        out.append(LoglikelihoodRequest(ctx, cont))
-    return out
-
-
-def _model_inputs(req: LoglikelihoodRequest, max_length: int) -> list[int]:
-    """The tokens fed to the model: context + continuation minus the last token (it is only a
-    target), keeping the last ``max_length`` tokens, as lm-eval truncates."""
-    if len(req.continuation) > max_length:
-        raise MuscleError(
-            f"a continuation of {len(req.continuation)} tokens does not fit the model's "
-            f"{max_length}-token context"
-        )
-    return (req.context + req.continuation)[-(max_length + 1) :][:-1]
-
-
-def _device_of(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-@torch.inference_mode()
-def _score_batch(
-    model, inputs: list[list[int]], conts: list[list[int]], pad_id: int
-) -> list[float]:
-    """Summed log-probabilities of each continuation, one right-padded forward pass."""
-    B, T = len(inputs), max(len(x) for x in inputs)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    mask = torch.zeros((B, T), dtype=torch.long)
-    for b, x in enumerate(inputs):
-        ids[b, : len(x)] = torch.tensor(x)
-        mask[b, : len(x)] = 1
-    device = _device_of(model)
-    # Right padding leaves the real tokens' positions 0..n-1, so no position ids are needed.
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # (B, T, V)
-    sums = []
-    for b, (x, cont) in enumerate(zip(inputs, conts, strict=True)):
-        # Logits at position t predict token t+1: the continuation's are the last len(cont).
-        rows = logits[b, len(x) - len(cont) : len(x)].float()  # (C, V)
-        targets = torch.tensor(cont, device=rows.device)  # (C,)
-        logp = torch.log_softmax(rows, dim=-1).gather(-1, targets[:, None]).squeeze(-1)  # (C,)
-        sums.append(float(logp.sum()))
-    return sums
-
-
-def loglikelihoods(
-    model,
-    requests: Sequence[LoglikelihoodRequest],
-    *,
-    batch_size: int,
-    max_length: int,
-    pad_id: int,
-) -> list[float]:
-    """The summed log-likelihood of each request's continuation, in request order.
-
-    Each forward pass holds (batch_size, longest input, vocabulary) logits: lower
-    ``batch_size`` for long prompts or large vocabularies.
-    """
-    inputs = [_model_inputs(r, max_length) for r in requests]
-    # Longest first, so each batch pads to similar lengths (lm-eval orders the same way).
-    order = sorted(range(len(requests)), key=lambda i: -len(inputs[i]))
-    out = [0.0] * len(requests)
-    for start in range(0, len(order), batch_size):
-        group = order[start : start + batch_size]
-        sums = _score_batch(
-            model, [inputs[i] for i in group], [requests[i].continuation for i in group], pad_id
-        )
-        for i, s in zip(group, sums, strict=True):
-            out[i] = s
-    return out
-
-
-# ------------------------------------------------------------------------------ generation
-
-
-def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
-    """``text`` up to the earliest occurrence of any stop string (lm-eval's ``until``)."""
-    cut = len(text)
-    for stop in stop_strings:
-        if stop:
-            at = text.find(stop)
-            if at != -1:
-                cut = min(cut, at)
-    return text[:cut]
-
-
-class StopOnStrings:
-    """A ``transformers`` stopping criterion: a row is done once its new text holds a stop string.
-
-    Returns one flag per row (generate then pads finished rows while the others go on).
-    """
-
-    def __init__(self, tokenizer, stop_strings: Sequence[str], prompt_length: int) -> None:
-        self.tokenizer = tokenizer
-        self.stop_strings = [s for s in stop_strings if s]
-        self.prompt_length = prompt_length
-
-    def __call__(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
-        new = input_ids[:, self.prompt_length :]  # (B, generated so far)
-        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
-        done = [any(s in t for s in self.stop_strings) for t in texts]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-
-def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    B, T = len(rows), max(len(r) for r in rows)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    mask = torch.zeros((B, T), dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, T - len(r) :] = torch.tensor(r)
-        mask[b, T - len(r) :] = 1
-    return ids, mask
-
-
-@torch.inference_mode()
-def generate_batch(
-    model,
-    tokenizer,
-    prompts: Sequence[str],
-    *,
-    stop_strings: Sequence[str],
-    max_new_tokens: int,
-    no_repeat_ngram_size: int = 0,
-    max_length: int = FALLBACK_MAX_LENGTH,
-) -> list[str]:
-    """Greedy continuations of ``prompts``, each cut at its first stop string or EOS."""
-    from transformers import StoppingCriteriaList
-
-    eos = tokenizer.eos_token_id
-    stops = list(stop_strings) + ([tokenizer.eos_token] if tokenizer.eos_token else [])
-    # Leave room for the new tokens: the prompt keeps its last (max_length - max_new_tokens).
-    room = max(1, max_length - max_new_tokens)
-    rows = [tokenizer(p)["input_ids"][-room:] for p in prompts]
-    ids, mask = _left_pad(rows, tokenizer.pad_token_id)  # (B, T): decoder-only pads on the left
-    device = _device_of(model)
-    kwargs = {"no_repeat_ngram_size": no_repeat_ngram_size} if no_repeat_ngram_size else {}
-    out = model.generate(
-        input_ids=ids.to(device),
-        attention_mask=mask.to(device),
-        do_sample=False,
-        num_beams=1,
-        temperature=None,  # greedy: silence a model's sampling defaults
-        top_p=None,
-        top_k=None,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=eos,
-        stopping_criteria=StoppingCriteriaList([StopOnStrings(tokenizer, stops, ids.shape[1])]),
-        **kwargs,
-    )  # (B, T + new)
-    texts = []
-    for row in out[:, ids.shape[1] :].tolist():
-        if eos is not None and eos in row:
-            row = row[: row.index(eos)]
-        texts.append(cut_at_stop(tokenizer.decode(row, skip_special_tokens=True), stops))
-    return texts
 
 
 # ------------------------------------------------------------------------------- records
@@ -382,44 +251,58 @@ class Scorer:
     opts: PredictOptions
     batch_size: int
     max_length: int
+    share_prefix: bool | None = None  # multiple choice; None: decided per window (eval_scoring)
 
-    def records(self, examples: Sequence[Example], contexts: Sequence[str]) -> list[dict]:
-        """One record per example, in order."""
+    def records(
+        self,
+        examples: Sequence[Example],
+        contexts: Sequence[str],
+        on_done: Callable[[int], None] | None = None,
+    ) -> list[dict]:
+        """One record per example, in order. ``on_done(n)``: n more examples are finished."""
         if self.task.kind == "multiple_choice":
-            return self._multiple_choice(examples, contexts)
-        return self._generate(examples, contexts)
+            return self._multiple_choice(examples, contexts, on_done)
+        return self._generate(examples, contexts, on_done)
 
-    def _multiple_choice(self, examples, contexts) -> list[dict]:
-        flat_ctx, flat_cont, owner = [], [], []
-        for k, (ex, ctx) in enumerate(zip(examples, contexts, strict=True)):
-            for choice in ex.choices or ():
-                flat_ctx.append(ctx)
-                flat_cont.append(self.opts.target_delimiter + choice)
-                owner.append(k)
-        requests = loglikelihood_requests(self.tokenizer, flat_ctx, flat_cont)
-        lls = loglikelihoods(
+    def _multiple_choice(self, examples, contexts, on_done) -> list[dict]:
+        docs = [
+            loglikelihood_requests(
+                self.tokenizer,
+                [ctx] * len(ex.choices or ()),
+                [self.opts.target_delimiter + choice for choice in ex.choices or ()],
+            )
+            for ex, ctx in zip(examples, contexts, strict=True)
+        ]
+        lls = score_documents(
             self.model,
-            requests,
+            docs,
             batch_size=self.batch_size,
             max_length=self.max_length,
             pad_id=self.tokenizer.pad_token_id,
+            share_prefix=self.share_prefix,
         )
-        per_example: list[list[float]] = [[] for _ in examples]
-        for k, ll in zip(owner, lls, strict=True):
-            per_example[k].append(ll)
-        return [
-            multiple_choice_record(ex, ll) for ex, ll in zip(examples, per_example, strict=True)
-        ]
+        for ex, ll in zip(examples, lls, strict=True):
+            if not all(math.isfinite(x) for x in ll):
+                raise MuscleError(
+                    f"the model gave a non-finite log-likelihood ({ll}) on {self.task.name} "
+                    f"example {json.dumps(ex.id)}: its weights or dtype are broken (try --dtype "
+                    "float32); nothing of this window was written"
+                )
+        if on_done:
+            on_done(len(examples))
+        return [multiple_choice_record(ex, ll) for ex, ll in zip(examples, lls, strict=True)]
 
-    def _generate(self, examples, contexts) -> list[dict]:
-        texts = generate_batch(
+    def _generate(self, examples, contexts, on_done) -> list[dict]:
+        texts = generate_texts(
             self.model,
             self.tokenizer,
             contexts,
             stop_strings=self.opts.stop_strings,
             max_new_tokens=self.opts.max_new_tokens or self.task.max_new_tokens,
+            batch_size=self.batch_size,
             no_repeat_ngram_size=self.opts.no_repeat_ngram_size,
             max_length=self.max_length,
+            on_done=(lambda _i: on_done(1)) if on_done else None,
         )
         make = _GENERATION_RECORDS[self.task.metric]
         return [make(ex, text) for ex, text in zip(examples, texts, strict=True)]
@@ -442,13 +325,21 @@ def resolve_device(device: str | None) -> str:
 
 
 def load_scorer(
-    spec: ModelSpec, task: Task, opts: PredictOptions, *, batch_size: int, device: str
+    spec: ModelSpec,
+    task: Task,
+    opts: PredictOptions,
+    *,
+    batch_size: int,
+    device: str,
+    share_prefix: bool | None = None,
 ) -> Scorer:
     from muscle.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(spec)
     model = load_model(spec, device)
-    return Scorer(model, tokenizer, task, opts, batch_size, _max_length(model, tokenizer))
+    return Scorer(
+        model, tokenizer, task, opts, batch_size, _max_length(model, tokenizer), share_prefix
+    )
 
 
 # ------------------------------------------------------------------------ file identity
@@ -481,12 +372,16 @@ def model_identity(spec: ModelSpec) -> dict[str, Any]:
     }
 
 
+# Options added after files were first written, with the value such files were computed with.
+_LATER_OPTIONS = {"fewshot_sampler": "random"}
+
+
 def _identity_items(meta: dict) -> dict[str, Any]:
     """The identity keys, ``options`` flattened (``options.num_fewshot``) for short messages."""
     out = {k: meta.get(k) for k in IDENTITY_KEYS if k != "options"}
     options = meta.get("options")
     if isinstance(options, dict):
-        out |= {f"options.{k}": v for k, v in options.items()}
+        out |= {f"options.{k}": v for k, v in (_LATER_OPTIONS | options).items()}
     else:
         out["options"] = options
     return out
@@ -541,11 +436,14 @@ def _progress(total: int, enabled: bool, desc: str):
     return tqdm(total=total, desc=desc, unit="ex", disable=None if enabled else True)
 
 
-def _predict_batch(
-    scorer: Scorer, examples: Sequence[Example], contexts: Sequence[str]
+def _predict_window(
+    scorer: Scorer,
+    examples: Sequence[Example],
+    contexts: Sequence[str],
+    on_done: Callable[[int], None] | None = None,
 ) -> list[dict]:
-    """One batch of records (a seam: tests interrupt a run here)."""
-    return scorer.records(examples, contexts)
+    """The records of one window (a seam: tests interrupt a run here)."""
+    return scorer.records(examples, contexts, on_done)
 
 
 def predict(
@@ -561,16 +459,21 @@ def predict(
     num_fewshot: int | None = None,
     max_new_tokens: int | None = None,
     fewshot_seed: int = FEWSHOT_SEED,
+    fewshot_sampler: str = "random",
     device: str | None = "auto",
     overwrite: bool = False,
     model_name: str | None = None,
     progress: bool = True,
+    window: int | None = None,
+    share_prefix: bool | None = None,
 ) -> dict[str, Any]:
     """Write per-example predictions of ``spec`` on ``task`` to ``out_path`` (+ sidecar).
 
     Resumes a file of the same identity; returns the summary of the whole file (``n`` and the
     task's metric means, over every record in it, also those of an earlier, larger ``limit``),
     which the sidecar also records, plus ``written``: the records this call added.
+    ``window``: examples per window (default :data:`WINDOWS` of the task's kind);
+    ``share_prefix``: multiple choice only, None decides per window (``eval_scoring``).
     """
     from muscle.models import check_adapter_matches_base, check_base_exists
 
@@ -579,14 +482,23 @@ def predict(
         raise MuscleError(f"--batch-size must be >= 1, got {batch_size}")
     if limit is not None and limit < 1:
         raise MuscleError(f"--limit must be >= 1, got {limit}")
+    window = window or WINDOWS[task.kind]
+    if window < 1:
+        raise MuscleError(f"window must be >= 1, got {window}")
     # Bad model inputs fail here, before the output file or its sidecar is touched.
     check_base_exists(spec)
     if spec.adapter:
         check_adapter_matches_base(Path(spec.adapter), spec)
     opts = task_options(
-        task, num_fewshot=num_fewshot, max_new_tokens=max_new_tokens, fewshot_seed=fewshot_seed
+        task,
+        num_fewshot=num_fewshot,
+        max_new_tokens=max_new_tokens,
+        fewshot_seed=fewshot_seed,
+        fewshot_sampler=fewshot_sampler,
     )
     out_path = Path(out_path)
+    if out_path.is_dir():
+        raise MuscleError(f"{out_path} is a directory, not a predictions file")
 
     examples = load_examples(task, split, source=source, data_dir=data_dir)
     pool = (
@@ -606,38 +518,58 @@ def predict(
         "metric": task.metric,
         "options": options,
     }
-    prepare_output(out_path, meta, overwrite=overwrite)
-
     selected = examples[:limit] if limit else examples
     device = resolve_device(device)
     run = {
         "limit": limit,
         "batch_size": batch_size,
+        "window": window,
         "device": device,
         "muscle_version": __version__,
     }
-    with PredictionWriter(out_path) as writer:
-        todo = [ex for ex in selected if ex.id not in writer.done_ids]
-        write_meta(out_path, {**meta, "run": run, "status": "running"})
-        if todo:
-            scorer = load_scorer(spec, task, opts, batch_size=batch_size, device=device)
-            contexts = dict(
-                zip([ex.id for ex in todo], build_contexts(task, todo, pool, opts), strict=True)
-            )
-            with _progress(len(todo), progress, f"{task.name} {meta['model']}") as bar:
-                for start in range(0, len(todo), batch_size):
-                    batch = todo[start : start + batch_size]
-                    writer.write(_predict_batch(scorer, batch, [contexts[ex.id] for ex in batch]))
-                    bar.update(len(batch))
-    records, _ = read_predictions(out_path)
-    summary = summarize(task, records)
-    write_meta(out_path, {**meta, "run": run, "status": "done", "summary": summary})
+    with writer_lock(lock_path(out_path), what=f"predictions file {out_path}"):
+        prepare_output(out_path, meta, overwrite=overwrite)
+        fresh = not out_path.exists() and not meta_path(out_path).exists()
+        written = 0
+        try:
+            with PredictionWriter(out_path) as writer:
+                write_meta(out_path, {**meta, "run": run, "status": "running"})
+                windows = [selected[i : i + window] for i in range(0, len(selected), window)]
+                windows = [w for w in windows if any(ex.id not in writer.done_ids for ex in w)]
+                scorer = None
+                total = sum(len(w) for w in windows)
+                with _progress(total, progress, f"{task.name} {meta['model']}") as bar:
+                    for win in windows:
+                        if scorer is None:
+                            scorer = load_scorer(
+                                spec,
+                                task,
+                                opts,
+                                batch_size=batch_size,
+                                device=device,
+                                share_prefix=share_prefix,
+                            )
+                        contexts = build_contexts(task, win, pool, opts)
+                        records = _predict_window(scorer, win, contexts, bar.update)
+                        written += writer.write(
+                            [r for r in records if r["id"] not in writer.done_ids]
+                        )
+        except BaseException:
+            if fresh and written == 0:
+                # Nothing was computed: leave no empty file and no sidecar behind.
+                for path in (out_path, meta_path(out_path)):
+                    if path.exists() and (path != out_path or path.stat().st_size == 0):
+                        path.unlink()
+            raise
+        records, _ = read_predictions(out_path)
+        summary = summarize(task, records)
+        write_meta(out_path, {**meta, "run": run, "status": "done", "summary": summary})
     return {
         **summary,
         "task": task.name,
         "model": meta["model"],
         "out": str(out_path),
-        "written": len(todo),
+        "written": written,
     }
 
 

@@ -27,6 +27,7 @@ writer likes). ``compare`` refuses to pair files whose sidecars name different t
 Writing is resumable: :class:`PredictionWriter` appends whole lines and fsyncs each batch; a run
 killed mid-write leaves at most one line without its ``\\n``, which the next writer (or
 :func:`already_done_ids`) truncates away before appending. The sidecar is written atomically.
+A writer holds the lock file :func:`lock_path` beside the predictions file while it writes.
 ``PREDICTIONS_FORMAT.md`` beside this module is the same contract for readers without Python.
 """
 
@@ -47,6 +48,13 @@ REQUIRED_KEYS = ("id", "prediction", "target", "correct", "score")
 META_SUFFIX = ".meta.json"
 
 PathLike = str | os.PathLike
+
+
+def lock_path(path: PathLike) -> Path:
+    """The writer lock of a predictions file: ``preds.jsonl`` -> ``.preds.jsonl.lock`` beside it
+    (``muscle.locking.writer_lock``: held while a writer appends, empty otherwise)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.lock")
 
 
 def meta_path(path: PathLike) -> Path:
@@ -210,15 +218,16 @@ class PredictionWriter:
     """Appends records to a predictions file, one fsync-ed batch at a time.
 
     Opening repairs an interrupted tail and learns the ids already present (``done_ids``), so a
-    resumed run skips them; writing an id twice is a MuscleError.
+    resumed run skips them; writing an id twice is a MuscleError. The file is created by the
+    first write, so a writer that writes nothing leaves no empty file. Two writers of one file
+    are kept apart by the caller (``muscle-eval predict`` holds :func:`lock_path`).
     """
 
     def __init__(self, path: PathLike, *, fsync: bool = True) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.done_ids: set[Any] = already_done_ids(self.path)
         self._fsync = fsync
-        self._file = open(self.path, "a", encoding="utf-8")  # closed by close()
+        self._file = None  # opened by the first write, closed by close()
 
     def write(self, records: Iterable[dict]) -> int:
         """Append one batch durably (flush + fsync); returns how many records were written."""
@@ -231,6 +240,9 @@ class PredictionWriter:
             batch_ids.add(rec["id"])
             lines.append(json.dumps(rec, ensure_ascii=False, allow_nan=False) + "\n")
         if lines:
+            if self._file is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = open(self.path, "a", encoding="utf-8")
             self._file.write("".join(lines))
             self._file.flush()
             if self._fsync:
@@ -239,7 +251,8 @@ class PredictionWriter:
         return len(lines)
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
     def __enter__(self) -> PredictionWriter:
         return self

@@ -1,0 +1,352 @@
+"""Log-likelihood scoring for multiple-choice evaluation (``muscle-eval predict``).
+
+A document (one example) asks for the summed log-likelihood of each choice's continuation given
+the context, lm-eval-harness's ``loglikelihood`` request. Three things make it cheaper than
+lm-eval's way (one padded forward per request, logits on every position) while computing the
+same numbers:
+
+* **Length-sorted batches over a window.** :func:`score_documents` sorts all the requests (or
+  documents) it is given by length, longest first, so a batch pads to similar lengths.
+  ``evaluate.predict`` passes a whole window of examples (512 by default), not one write batch.
+* **The LM head on the scored rows only.** Only the positions that predict a continuation token
+  go through the (hidden, vocabulary) projection and the log-softmax; the (B, T, V) logits of
+  every position are never made (``logits_to_keep`` with a boolean mask).
+* **Shared-prefix scoring.** The choices of a document share their context: the context is
+  encoded once (one forward pass that fills a KV cache), the cache is expanded over the choices
+  and only each choice's own tokens run through the model. It pays when contexts are long
+  against the continuations (HellaSwag: a 29-token context, four 14-token endings with
+  SmolLM2's tokenizer, half the tokens saved) and not when they are short (PIQA: a 14-token
+  context, two 23-token solutions, 18% saved, which a second forward pass per batch eats up;
+  measured in ``benchmarks/bench_eval.py``). ``share_prefix=None`` decides per call from the
+  token counts: share when at least :data:`SHARE_MIN_SAVING` of the tokens would be saved.
+
+Every batch is built from the call's requests alone, deterministically, so the same window gives
+bit-identical numbers (what makes a resumed ``predict`` byte-identical to a clean run).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from muscle import MuscleError
+from muscle.data import split_context_answer
+
+# Share the context of a document's choices when that saves at least this fraction of the
+# tokens of a call (HellaSwag saves ~50%, PIQA ~18%: see the module docstring).
+SHARE_MIN_SAVING = 0.3
+
+
+# ------------------------------------------------------------------------- model calls
+
+
+def unwrap(model):
+    """The Hugging Face model under a PEFT wrapper (``get_base_model``)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+_FORWARD_PARAMS: dict[type, frozenset[str]] = {}
+
+
+def _forward_params(model) -> frozenset[str]:
+    cls = type(unwrap(model))
+    if cls not in _FORWARD_PARAMS:
+        _FORWARD_PARAMS[cls] = frozenset(inspect.signature(cls.forward).parameters)
+    return _FORWARD_PARAMS[cls]
+
+
+def _keeps_rows(model) -> bool:
+    """Whether the model's forward takes a boolean (B, T) ``logits_to_keep`` (transformers 5.x
+    models built on ``slice_logits_to_keep``): the LM head then runs on the kept rows only."""
+    from transformers import modeling_utils
+
+    return "logits_to_keep" in _forward_params(model) and hasattr(
+        modeling_utils, "slice_logits_to_keep"
+    )
+
+
+def new_cache(model):
+    """An empty KV cache for ``model`` (a transformers ``DynamicCache``)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=unwrap(model).config)
+
+
+def _cache_kwargs(model, cache) -> dict:
+    if cache is None:
+        return {"use_cache": False}
+    # transformers renamed past_key_values to cache (5.x; the old name is deprecated).
+    name = "cache" if "cache" in _forward_params(model) else "past_key_values"
+    return {name: cache, "use_cache": True}
+
+
+def logits_at(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    keep: torch.Tensor,
+    *,
+    position_ids: torch.Tensor | None = None,
+    cache=None,
+) -> torch.Tensor:
+    """Logits at the True positions of ``keep`` (B, T) bool, flattened row-major: (n, V).
+
+    ``attention_mask`` covers the cache's columns and then the new ones, (B, cached + T).
+    The LM head runs on the kept rows only where the model supports it; otherwise the full
+    (B, T, V) logits are computed and the rows selected.
+    """
+    kw = {"input_ids": input_ids, "attention_mask": attention_mask, **_cache_kwargs(model, cache)}
+    if position_ids is not None:
+        kw["position_ids"] = position_ids
+    n = int(keep.sum())
+    if _keeps_rows(model):
+        z = model(**kw, logits_to_keep=keep).logits
+        if z.dim() != 2 or z.shape[0] != n:
+            raise MuscleError(
+                f"{type(unwrap(model)).__name__} returned logits of shape {tuple(z.shape)} for "
+                f"{n} kept rows: its forward does not support a boolean logits_to_keep"
+            )
+        return z  # (n, V)
+    z = model(**kw).logits  # (B, T, V)
+    return z[keep]  # (n, V)
+
+
+# -------------------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True)
+class LoglikelihoodRequest:
+    context: list[int]  # token ids, BOS included when the tokenizer adds one
+    continuation: list[int]
+
+
+def loglikelihood_requests(
+    tokenizer, contexts: Sequence[str], continuations: Sequence[str]
+) -> list[LoglikelihoodRequest]:
+    out = []
+    for context, continuation in zip(contexts, continuations, strict=True):
+        ctx, cont = split_context_answer(tokenizer, context, continuation)
+        if not cont:
+            raise MuscleError(f"the continuation {continuation!r} encodes to no tokens")
+        out.append(LoglikelihoodRequest(ctx, cont))
+    return out
+
+
+def model_inputs(req: LoglikelihoodRequest, max_length: int) -> list[int]:
+    """The tokens fed to the model: context + continuation minus the last token (it is only a
+    target), keeping the last ``max_length`` tokens, as lm-eval truncates."""
+    if len(req.continuation) > max_length:
+        raise MuscleError(
+            f"a continuation of {len(req.continuation)} tokens does not fit the model's "
+            f"{max_length}-token context"
+        )
+    return (req.context + req.continuation)[-(max_length + 1) :][:-1]
+
+
+def shared_prefix_length(inputs: Sequence[Sequence[int]], n_cont: Sequence[int]) -> int:
+    """How many leading tokens all ``inputs`` share and can be encoded once.
+
+    The prefix stops before each input's first scored position (``len(x) - c``: the logit of
+    the last context token predicts the first continuation token), so every choice keeps at
+    least that token of its own.
+    """
+    limit = min(len(x) - c for x, c in zip(inputs, n_cont, strict=True))
+    first = inputs[0]
+    n = 0
+    while n < limit and all(x[n] == first[n] for x in inputs[1:]):
+        n += 1
+    return n
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class _Row:
+    """One request as the model sees it: ``tokens`` after the document's shared prefix."""
+
+    doc: int
+    choice: int
+    tokens: list[int]  # input tokens after the prefix
+    targets: list[int]  # the continuation (what the last len(targets) positions predict)
+    offset: int  # position of tokens[0] (= the prefix length)
+
+
+def _sum_logprobs(logits: torch.Tensor, rows: Sequence[_Row]) -> list[float]:
+    """Summed log-probabilities of each row's targets; ``logits`` (n, V) hold the rows' scored
+    positions, row after row."""
+    targets = torch.tensor([t for r in rows for t in r.targets], device=logits.device)  # (n,)
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None])[:, 0]  # (n,)
+    sizes = [len(r.targets) for r in rows]
+    # Summed in float64: the float32 terms are exact; the sum keeps no rounding of its own.
+    return [float(part.double().sum()) for part in torch.split(logp, sizes)]
+
+
+def _right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    B, T = len(rows), max(len(r) for r in rows)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[b, : len(r)] = 1
+    return ids, mask
+
+
+def _scored_mask(rows: Sequence[_Row], width: int) -> torch.Tensor:
+    """(R, width) bool: the positions whose logits predict a target (the last len(targets))."""
+    keep = torch.zeros((len(rows), width), dtype=torch.bool)
+    for b, r in enumerate(rows):
+        keep[b, len(r.tokens) - len(r.targets) : len(r.tokens)] = True
+    return keep
+
+
+@torch.inference_mode()
+def _score_plain(model, rows: Sequence[_Row], pad_id: int) -> list[float]:
+    """One right-padded forward pass over whole requests (no prefix)."""
+    ids, mask = _right_pad([r.tokens for r in rows], pad_id)  # (B, T)
+    device = device_of(model)
+    # Right padding leaves the real tokens at positions 0..n-1: no position ids needed.
+    logits = logits_at(
+        model, ids.to(device), mask.to(device), _scored_mask(rows, ids.shape[1]).to(device)
+    )
+    return _sum_logprobs(logits, rows)
+
+
+@torch.inference_mode()
+def _score_shared(
+    model, prefixes: Sequence[Sequence[int]], rows: Sequence[_Row], pad_id: int
+) -> list[float]:
+    """Prefixes encoded once (one forward, left-padded, fills a KV cache), the cache expanded
+    over each prefix's rows, then one right-padded forward over the rows' own tokens."""
+    device = device_of(model)
+    D, P = len(prefixes), max(len(p) for p in prefixes)
+    pre_ids = torch.full((D, P), pad_id, dtype=torch.long)
+    pre_mask = torch.zeros((D, P), dtype=torch.long)
+    for d, p in enumerate(prefixes):
+        # Left padding: every prefix ends at column P, so each row's tokens follow it directly.
+        pre_ids[d, P - len(p) :] = torch.tensor(p, dtype=torch.long)
+        pre_mask[d, P - len(p) :] = 1
+    pre_pos = (pre_mask.cumsum(-1) - 1).clamp(min=0)  # (D, P)
+    cache = new_cache(model)
+    # Only the cache is wanted; logits_to_keep=1 keeps the LM head to one row per prefix.
+    one_row = {"logits_to_keep": 1} if "logits_to_keep" in _forward_params(model) else {}
+    model(
+        input_ids=pre_ids.to(device),
+        attention_mask=pre_mask.to(device),
+        position_ids=pre_pos.to(device),
+        **one_row,
+        **_cache_kwargs(model, cache),
+    )
+    owner = torch.tensor([r.doc for r in rows], device=device)  # (R,) prefix of each row
+    cache.batch_select_indices(owner)  # (D, H, P, hd) -> (R, H, P, hd) in every layer
+
+    ids, mask = _right_pad([r.tokens for r in rows], pad_id)  # (R, S)
+    S = ids.shape[1]
+    pos = torch.tensor([r.offset for r in rows])[:, None] + torch.arange(S)[None, :]  # (R, S)
+    full_mask = torch.cat([pre_mask.to(device).index_select(0, owner), mask.to(device)], dim=1)
+    logits = logits_at(
+        model,
+        ids.to(device),
+        full_mask,  # (R, P + S)
+        _scored_mask(rows, S).to(device),
+        position_ids=pos.to(device),
+        cache=cache,
+    )
+    return _sum_logprobs(logits, rows)
+
+
+def plan_sharing(
+    docs: Sequence[Sequence[LoglikelihoodRequest]], max_length: int
+) -> tuple[list[list[list[int]]], list[int], float]:
+    """(model inputs per document and choice, shared prefix length per document, the fraction
+    of input tokens that sharing would save)."""
+    inputs = [[model_inputs(r, max_length) for r in reqs] for reqs in docs]
+    prefixes = []
+    total = saved = 0
+    for reqs, xs in zip(docs, inputs, strict=True):
+        p = shared_prefix_length(xs, [len(r.continuation) for r in reqs]) if len(xs) > 1 else 0
+        prefixes.append(p)
+        total += sum(len(x) for x in xs)
+        saved += (len(xs) - 1) * p
+    return inputs, prefixes, (saved / total if total else 0.0)
+
+
+def score_documents(
+    model,
+    docs: Sequence[Sequence[LoglikelihoodRequest]],
+    *,
+    batch_size: int,
+    max_length: int,
+    pad_id: int,
+    share_prefix: bool | None = None,
+) -> list[list[float]]:
+    """The summed log-likelihood of every request of every document, ``[doc][choice]``.
+
+    ``batch_size`` is the number of requests (sequences) per forward pass, as lm-eval counts
+    it. With ``share_prefix`` (None: decided from the token counts, see the module docstring)
+    a batch holds whole documents whose choices fit in ``batch_size`` rows (at least one
+    document); without, requests of different documents mix freely.
+    """
+    inputs, prefixes, saving = plan_sharing(docs, max_length)
+    if share_prefix is None:
+        share_prefix = saving >= SHARE_MIN_SAVING
+    out: list[list[float]] = [[0.0] * len(reqs) for reqs in docs]
+
+    def rows_of(d: int, p: int) -> list[_Row]:
+        return [
+            _Row(d, k, x[p:], r.continuation, p)
+            for k, (x, r) in enumerate(zip(inputs[d], docs[d], strict=True))
+        ]
+
+    shared = [d for d in range(len(docs)) if share_prefix and prefixes[d] > 0]
+    plain = [row for d in range(len(docs)) if d not in set(shared) for row in rows_of(d, 0)]
+
+    # Plain requests: longest first (lm-eval's order), ties in document order.
+    plain.sort(key=lambda r: (-len(r.tokens), r.doc, r.choice))
+    for start in range(0, len(plain), batch_size):
+        batch = plain[start : start + batch_size]
+        for r, s in zip(batch, _score_plain(model, batch, pad_id), strict=True):
+            out[r.doc][r.choice] = s
+
+    # Shared documents: longest (prefix + longest choice) first, whole documents per batch.
+    shared.sort(key=lambda d: (-max(len(x) for x in inputs[d]), d))
+    start = 0
+    while start < len(shared):
+        group, n_rows = [], 0
+        while start < len(shared) and (
+            not group or n_rows + len(inputs[shared[start]]) <= batch_size
+        ):
+            group.append(shared[start])
+            n_rows += len(inputs[shared[start]])
+            start += 1
+        rows = [
+            _Row(j, r.choice, r.tokens, r.targets, r.offset)
+            for j, d in enumerate(group)
+            for r in rows_of(d, prefixes[d])
+        ]
+        sums = _score_shared(model, [inputs[d][0][: prefixes[d]] for d in group], rows, pad_id)
+        for r, s in zip(rows, sums, strict=True):
+            out[group[r.doc]][r.choice] = s
+    return out
+
+
+def loglikelihoods(
+    model,
+    requests: Sequence[LoglikelihoodRequest],
+    *,
+    batch_size: int,
+    max_length: int,
+    pad_id: int,
+) -> list[float]:
+    """The summed log-likelihood of each request's continuation, in request order (each request
+    its own document: no prefix sharing)."""
+    docs = [[r] for r in requests]
+    sums = score_documents(model, docs, batch_size=batch_size, max_length=max_length, pad_id=pad_id)
+    return [s[0] for s in sums]
