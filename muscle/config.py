@@ -7,13 +7,29 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
+from muscle import MuscleError
 from muscle.masks import DEFAULT_MASK
 
 # The method's two numbers that several stages share; every default refers to these.
 DEFAULT_TEMPERATURE = 2.0  # paper App. A.1 (Table 7): distillation temperature T
 DEFAULT_TOP_K = 64  # teacher entries kept per token, in the cache and online (not in the paper)
+
+
+def _at_least(value, low: int, option: str) -> None:
+    if not (isinstance(value, int) and value >= low):
+        raise MuscleError(f"{option} must be at least {low}, got {value!r}")
+
+
+def _finite(value, option: str, *, positive: bool) -> None:
+    ok = isinstance(value, (int, float)) and math.isfinite(value)
+    ok = ok and (value > 0 if positive else value >= 0)
+    if not ok:
+        raise MuscleError(
+            f"{option} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}"
+        )
 
 
 def _ints_to_floats(obj) -> None:
@@ -89,11 +105,26 @@ class TrainConfig:
     log_every: int = 1
     # Recompute each decoder layer's activations in the backward pass instead of storing them:
     # less memory for more compute, same result. Not part of a run's identity (see
-    # muscle.train.train_identity), so a run may resume with it switched.
+    # muscle.run_dir.train_identity), so a run may resume with it switched.
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         _ints_to_floats(self)
+        # Refused here, before any file is written: a size of 0 used to fail deep in the loop
+        # (a division by zero), a NaN learning rate to train to NaN and still exit 0.
+        # The names are muscle-train's options, which map one to one onto these fields.
+        _finite(self.lr, "--lr", positive=True)
+        _at_least(self.epochs, 1, "--epochs")
+        _at_least(self.grad_accum, 1, "--grad-accum")
+        _at_least(self.warmup_steps, 0, "--warmup")
+        _finite(self.weight_decay, "--weight-decay", positive=False)
+        _at_least(self.batch_size, 1, "--batch-size")
+        if self.max_grad_norm is not None:
+            _finite(self.max_grad_norm, "max_grad_norm", positive=False)
+        if self.max_steps is not None:
+            _at_least(self.max_steps, 1, "--max-steps")
+        _at_least(self.checkpoint_every, 1, "--checkpoint-every")
+        _at_least(self.log_every, 1, "log_every")
 
 
 @dataclass(frozen=True)
@@ -108,6 +139,9 @@ class CompatConfig:
 
     def __post_init__(self) -> None:
         _ints_to_floats(self)
+        _finite(self.temperature, "--temperature", positive=True)
+        if not (isinstance(self.ce_weight, float) and 0.0 <= self.ce_weight <= 1.0):
+            raise MuscleError(f"--ce-weight must be in [0, 1], got {self.ce_weight!r}")
 
 
 def to_dict(obj) -> dict:

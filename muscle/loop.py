@@ -204,11 +204,18 @@ def fit(
             state["log_lines"] = log_length(run)
         stepper.save(run, state)
 
-    while state["epoch"] < cfg.epochs and state["step"] < total_steps:
+    while state["epoch"] < cfg.epochs:
         epoch = state["epoch"]
-        for batch in data.train(epoch, state["batch"]):
+        # Every step taken and the last epoch validated: what an epoch-end checkpoint of the
+        # last epoch says (batch 0). A checkpoint taken at the last step itself (batch > 0) still
+        # has that epoch's validation to do: a run killed in it must do it when resumed.
+        if state["step"] >= total_steps and state["batch"] == 0:
+            break
+        bad = 0.0  # micro-batches of this optimizer step whose loss was not finite
+        for batch in data.train(epoch, state["batch"]) if state["step"] < total_steps else ():
             batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
             loss, stats = objective(stepper.forward_model, batch)
+            bad += 0.0 if math.isfinite(stats.get("loss", 0.0)) else 1.0
             weight = distributed.token_weight(stats.get("n_tokens", 1.0), device)
             micro += 1
             state["batch"] += 1
@@ -219,6 +226,15 @@ def fit(
                 acc_stats[k] = acc_stats.get(k, 0.0) + v
             if not boundary:
                 continue
+            # Before the step: the parameters (and the last checkpoint) are still finite. Every
+            # rank asks, so all stop together.
+            if distributed.all_reduce_sum(bad, device) > 0:
+                bar.close()
+                raise MuscleError(
+                    f"the training loss is not finite at step {state['step'] + 1} (epoch "
+                    f"{epoch}): the run stopped before that step; lower --lr or check the data, "
+                    "and start again with --overwrite"
+                )
             stepper.step()
             state["step"] += 1
             row = {k: v / micro for k, v in acc_stats.items() if k != "n_tokens"}
@@ -230,7 +246,7 @@ def fit(
                 "n_tokens": acc_stats.get("n_tokens", 0.0),
                 "tokens_per_s": tokens_seen / max(time.perf_counter() - t0, 1e-9),
             }
-            micro, acc_stats = 0, {}
+            micro, acc_stats, bad = 0, {}, 0.0
             if state["step"] % cfg.log_every == 0 and info.is_main:
                 append_log(run, row)
             bar.update(1)
@@ -258,4 +274,13 @@ def fit(
         checkpoint()
     bar.close()
     distributed.barrier()
+    if state["best_epoch"] < 0:
+        # NaN never compares lower than the best so far: nothing was kept, and a run that saved
+        # no adapter must not end "done" (it used to: "best epoch -1, validation loss inf").
+        vals = [r for r in read_log(run) if r.get("split") == "validation"]
+        seen = ", ".join(f"epoch {r['epoch']}: validation loss {r.get('loss')}" for r in vals)
+        raise MuscleError(
+            f"no epoch gave a finite validation loss ({seen or 'none was measured'}): no adapter "
+            "was saved; lower --lr or check the validation data, and start again with --overwrite"
+        )
     return FitResult(state["best_epoch"], state["best_val"], state["step"], read_log(run))

@@ -75,6 +75,16 @@ def check_base_exists(spec: ModelSpec) -> None:
     if Path(base).exists():
         if gguf and not (Path(base) / gguf).is_file():
             raise MuscleError(f"GGUF file not found: {Path(base) / gguf}")
+        root = Path(base)
+        if (
+            not gguf
+            and (root / "adapter_config.json").is_file()
+            and not (root / "config.json").is_file()
+        ):
+            raise MuscleError(
+                f"{base} is a PEFT adapter directory, not a base model: pass it as --adapter, "
+                "and the base it was trained on as --base"
+            )
         return
     if base.startswith((".", "/", "~")) or base.count("/") != 1:
         if gguf:  # name the file, not just the directory it should be in
@@ -242,16 +252,22 @@ def save_adapter(peft_model, out_dir: str | Path, sidecar: dict) -> None:
     reader never sees a half-written file.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".adapter-tmp-", dir=out_dir))
     try:
-        # Only the adapter being trained ("default"): online mode also holds a frozen teacher adapter.
-        peft_model.save_pretrained(str(tmp), safe_serialization=True, selected_adapters=["default"])
-        (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2, default=str) + "\n")
-        for name in ("adapter_model.safetensors", "adapter_config.json", SIDECAR):
-            os.replace(tmp / name, out_dir / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".adapter-tmp-", dir=out_dir))
+        try:
+            # Only the adapter being trained ("default"): online mode also holds a frozen
+            # teacher adapter.
+            peft_model.save_pretrained(
+                str(tmp), safe_serialization=True, selected_adapters=["default"]
+            )
+            (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2, default=str) + "\n")
+            for name in ("adapter_model.safetensors", "adapter_config.json", SIDECAR):
+                os.replace(tmp / name, out_dir / name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:  # a full disk, permissions: one line, the temp files gone
+        raise MuscleError(f"cannot save the adapter in {out_dir}: {e.strerror or e}") from None
 
 
 # Moved to muscle.fingerprints; importable from here for one release.

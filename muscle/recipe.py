@@ -3,7 +3,8 @@
 A trainer (:mod:`muscle.train`, :mod:`muscle.compat_train`) checks its inputs and computes the
 run's identity; then :func:`run_recipe` does the rest, the same way for all three:
 
-1. claim the run directory (new, resume, or already done; a different run is refused);
+1. take the run directory's writer lock and claim it (new, resume, or already done; a
+   different run is refused);
 2. seed, and build the model, objective, batches and sidecar (the trainer's ``build``);
 3. :func:`muscle.loop.fit`, saving the adapter + sidecar whenever validation improves;
 4. mark the run done and return one :class:`TrainResult`.
@@ -23,7 +24,7 @@ from muscle import __version__, distributed
 from muscle.config import ModelSpec, TrainConfig
 from muscle.loop import Batches, Objective, fit
 from muscle.models import resolve_device, save_adapter
-from muscle.run_dir import finish_run, prepare_run_dir
+from muscle.run_dir import finish_run, prepare_run_dir, run_dir_lock
 from muscle.steppers import resolve_deepspeed_config
 
 SIDECAR_FORMAT = 1
@@ -110,37 +111,37 @@ def run_recipe(
     """Claim ``out_dir`` for ``identity``, then build, fit, save the best adapter, finish."""
     if devices.deepspeed is not None:
         identity = identity | {"deepspeed": devices.deepspeed}  # ZeRO partitions: same way only
-    run, state = prepare_run_dir(out_dir, identity, overwrite=overwrite)
-    if state == "done":
-        info = run.read_run()
-        tqdm.write(
-            f"{run.path}: already trained (best epoch {info.get('best_epoch')}); "
-            "use --overwrite to train again"
-        )
-        return TrainResult(
-            run.path,
-            "already done",
-            info.get("best_epoch", -1),
-            info.get("best_val_loss", math.nan),
-        )
-    torch.manual_seed(train_cfg.seed)
-    setup = build()
+    with run_dir_lock(out_dir):  # one writer per run directory, from the claim to the end
+        run, state = prepare_run_dir(out_dir, identity, overwrite=overwrite)
+        if state == "done":
+            info = run.read_run()
+            tqdm.write(
+                f"{run.path}: already trained (best epoch {info.get('best_epoch')}); "
+                "use --overwrite to train again"
+            )
+            return TrainResult(
+                run.path,
+                "already done",
+                info.get("best_epoch", -1),
+                info.get("best_val_loss", math.nan),
+            )
+        torch.manual_seed(train_cfg.seed)
+        setup = build()
 
-    def save_best(epoch: int, val: dict) -> None:
-        save_adapter(
-            setup.model, run.path, setup.sidecar | {"best_epoch": epoch, "validation": val}
-        )
+        def save_best(epoch: int, val: dict) -> None:
+            sidecar = setup.sidecar | {"best_epoch": epoch, "validation": val}
+            save_adapter(setup.model, run.path, sidecar)
 
-    result = fit(
-        setup.model,
-        setup.objective,
-        setup.batches,
-        train_cfg,
-        run,
-        save_best=save_best,
-        device=devices.device,
-        stop_after_steps=stop_after_steps,
-        deepspeed_config=devices.deepspeed,
-    )
-    finish_run(run, result.best_epoch, result.best_val_loss, result.steps)
+        result = fit(
+            setup.model,
+            setup.objective,
+            setup.batches,
+            train_cfg,
+            run,
+            save_best=save_best,
+            device=devices.device,
+            stop_after_steps=stop_after_steps,
+            deepspeed_config=devices.deepspeed,
+        )
+        finish_run(run, result.best_epoch, result.best_val_loss, result.steps)
     return TrainResult(run.path, "trained", result.best_epoch, result.best_val_loss)

@@ -7,17 +7,22 @@ A run directory holds::
     muscle_run.json                                  run identity + status (running | done)
     train_log.jsonl                                  one JSON row per logged step / validation
     .checkpoint/                                     last resumable state (removed when done)
+    .muscle.lock                                     the writer lock (muscle.locking)
 
 Re-running the same command resumes from ``.checkpoint``; a directory that holds a different
-run is refused unless ``overwrite``.
+run is refused unless ``overwrite``. One process writes a run directory at a time: the main
+rank holds its writer lock from the claim to the end (:func:`run_dir_lock`), so a second
+``muscle-train`` into the same ``--out`` is refused with one line naming the holder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +30,7 @@ import torch
 
 from muscle import MuscleError, __version__, distributed
 from muscle.config import TrainConfig, fingerprint, to_dict
+from muscle.locking import LOCK_NAME, writer_lock
 
 RUN_FILE = "muscle_run.json"
 LOG_FILE = "train_log.jsonl"
@@ -68,8 +74,48 @@ class RunDir:
 
     def write_run(self, info: dict) -> None:
         tmp = self.run_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(info, indent=2, default=str) + "\n")
-        os.replace(tmp, self.run_file)
+        with writing(self.run_file):
+            tmp.write_text(json.dumps(info, indent=2, default=str) + "\n")
+            os.replace(tmp, self.run_file)
+
+    def contents(self) -> list[Path]:
+        """What the directory holds, the writer lock aside (it is not the run's content)."""
+        if not self.path.is_dir():
+            return []
+        return [p for p in self.path.iterdir() if p.name != LOCK_NAME]
+
+    def holds_muscle_output(self) -> bool:
+        return self.run_file.is_file() or (self.path / "adapter_config.json").is_file()
+
+
+@contextlib.contextmanager
+def writing(path: Path, what: str = "") -> Iterator[None]:
+    """Turn a failed write (disk full, permissions; torch's writer reports a RuntimeError) into
+    one line naming the file; the caller removes what it had half-written."""
+    try:
+        yield
+    except OSError as e:
+        raise MuscleError(f"cannot write {what or path}: {e.strerror or e}") from None
+    except RuntimeError as e:  # torch.save: "[enforce fail at inline_container.cc] ..."
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise MuscleError(f"cannot write {what or path}: {first}") from None
+
+
+@contextlib.contextmanager
+def run_dir_lock(out_dir: str | Path) -> Iterator[None]:
+    """Hold the writer lock of a run directory (main rank; other ranks follow rank 0).
+
+    A non-empty directory that holds no muscle run is refused first, so that no lock file is
+    left in a user's own folder.
+    """
+    run = RunDir(Path(out_dir))
+    if not distributed.dist_info().is_main:
+        yield
+        return
+    if run.contents() and not run.holds_muscle_output():
+        raise MuscleError(f"{run.path} is not empty and holds no muscle run: choose another --out")
+    with writer_lock(run.path / LOCK_NAME, what=f"training run {run.path}"):
+        yield
 
 
 def prepare_run_dir(out_dir: str | Path, identity: dict, *, overwrite: bool) -> tuple[RunDir, str]:
@@ -91,15 +137,19 @@ def prepare_run_dir(out_dir: str | Path, identity: dict, *, overwrite: bool) -> 
 
 
 def _claim_run_dir(run: RunDir, fp: str, identity: dict, overwrite: bool) -> str:
-    if run.path.exists() and any(run.path.iterdir()):
+    if run.contents():
         prev = run.read_run()
         if overwrite:
-            if prev is None and not (run.path / "adapter_config.json").exists():
+            if not run.holds_muscle_output():
                 raise MuscleError(
                     f"{run.path} is not empty and holds no muscle run: refusing to delete it "
                     "even with --overwrite; choose another --out"
                 )
-            shutil.rmtree(run.path)
+            for p in run.contents():  # all but the lock, which this process holds
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
         elif prev is None:
             raise MuscleError(
                 f"{run.path} is not empty and holds no muscle run: choose another --out"
@@ -110,8 +160,10 @@ def _claim_run_dir(run: RunDir, fp: str, identity: dict, overwrite: bool) -> str
                 f"{prev.get('started')}): use --overwrite to replace it, or another --out"
             )
         elif prev.get("status") == "done":
+            remove_leftovers(run, done=True)  # killed between marking it done and cleaning up
             return "done"
         else:
+            remove_leftovers(run, done=False)
             return "resume"
     run.path.mkdir(parents=True, exist_ok=True)
     run.write_run(
@@ -126,8 +178,19 @@ def _claim_run_dir(run: RunDir, fp: str, identity: dict, overwrite: bool) -> str
     return "new"
 
 
+def remove_leftovers(run: RunDir, *, done: bool) -> None:
+    """Temp files of a killed writer (a half-saved adapter, a half-written checkpoint), and,
+    once the run is done, its checkpoints. ``.checkpoint.old`` of a running run is kept: it is
+    the state to resume from when the kill fell between the two renames of a commit."""
+    doomed = list(run.path.glob(".adapter-tmp-*")) + [run.path / (CKPT_DIR + ".tmp")]
+    if done:
+        doomed += [run.ckpt, run.path / (CKPT_DIR + ".old")]
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def finish_run(run: RunDir, best_epoch: int, best_val_loss: float, steps: int) -> None:
-    """Mark the run done (main rank) and drop its checkpoint."""
+    """Mark the run done (main rank) and drop its checkpoints."""
     if not distributed.dist_info().is_main:
         return
     info = run.read_run() or {}
@@ -139,7 +202,7 @@ def finish_run(run: RunDir, best_epoch: int, best_val_loss: float, steps: int) -
         "steps": steps,
     }
     run.write_run(info)
-    shutil.rmtree(run.ckpt, ignore_errors=True)
+    remove_leftovers(run, done=True)
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -153,17 +216,20 @@ def save_checkpoint(run: RunDir, model, optimizer, scheduler, state: dict) -> No
     """Everything a resumed run needs, written to a temp dir then renamed into place."""
     tmp = run.path / (CKPT_DIR + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    torch.save(
-        {
-            "params": trainable_state(model),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": torch.get_rng_state(),
-            "state": state,
-        },
-        tmp / "state.pt",
-    )
+    blob = {
+        "params": trainable_state(model),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": torch.get_rng_state(),
+        "state": state,
+    }
+    try:
+        with writing(run.ckpt, f"the checkpoint {run.ckpt}"):
+            tmp.mkdir()
+            torch.save(blob, tmp / "state.pt")
+    except MuscleError:
+        shutil.rmtree(tmp, ignore_errors=True)  # the last complete checkpoint stays
+        raise
     commit_checkpoint(run, tmp)
 
 
@@ -214,12 +280,13 @@ def truncate_log(run: RunDir, n_lines: int) -> None:
         return
     lines = run.log_file.read_text().splitlines(keepends=True)[:n_lines]
     tmp = run.log_file.with_suffix(".tmp")
-    tmp.write_text("".join(lines))
-    os.replace(tmp, run.log_file)
+    with writing(run.log_file):
+        tmp.write_text("".join(lines))
+        os.replace(tmp, run.log_file)
 
 
 def append_log(run: RunDir, row: dict) -> None:
-    with run.log_file.open("a") as f:
+    with writing(run.log_file), run.log_file.open("a") as f:
         f.write(json.dumps(row) + "\n")
 
 
