@@ -64,9 +64,9 @@ from torch import Tensor
 from muscle.losses import IMPLS, LossStats, masked_kl_with_stats
 
 # One (C, V) buffer of the default chunk takes about this many bytes (see default_fused_chunk_rows).
-_CHUNK_BYTES = 64 * 2**20
+_CHUNK_BYTES = 128 * 2**20
 # Fewer rows than this make the per-chunk matmuls re-read W for too little work.
-_MIN_CHUNK_ROWS = 16
+_MIN_CHUNK_ROWS = 32
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,12 +156,14 @@ def fused_linear_masked_kl_with_stats(
 
 
 def default_fused_chunk_rows(vocab: int, dtype: torch.dtype, n_rows: int | None = None) -> int:
-    """Rows per chunk so that one (C, V) logits buffer takes about 64 MiB (at least 16 rows,
-    at most ``n_rows``): 64 rows at V = 262,144 in float32, 341 at V = 49,152.
+    """Rows per chunk so that one (C, V) float32 buffer takes about 128 MiB (at least 32 rows,
+    at most ``n_rows``): 128 rows at V = 262,144, 682 at V = 49,152 (sized as float32 whatever
+    the dtype, since the loss works in float32).
 
-    Large enough that the two per-chunk matmuls (h_c W^T and g_c W) do a useful amount of work
-    per read of W (measured in benchmarks/bench_fused_head.py), small enough that the chunk's
-    buffers stay a fraction of the materialized (N, V) logits of a training batch.
+    A trade-off measured in benchmarks/bench_fused_head.py: every chunk reads all of W twice
+    (h_c W^T, then g_c W), so fewer rows per chunk cost time (on the 2-core CPU, V = 262,144:
+    16 rows took about twice as long as 256); more rows cost memory (about 2-3 (C, V) buffers
+    live at once).
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
     rows = max(_MIN_CHUNK_ROWS, _CHUNK_BYTES // (max(itemsize, 4) * max(vocab, 1)))

@@ -263,9 +263,10 @@ def test_frozen_head_grad_output_no_grad_and_defaults():
         ev = fused_linear_masked_kl(h1, w, b, y, i1, l1, i2, l2)  # default chunk (<= N)
     assert ev.grad_fn is None and abs(ev.item() - ref.item()) < 1e-12
     assert 1 <= default_fused_chunk_rows(262_144, torch.float32, 5) == 5
-    assert default_fused_chunk_rows(262_144, torch.float32) == 64
-    assert default_fused_chunk_rows(262_144, torch.bfloat16) == 64  # sized as float32
-    assert default_fused_chunk_rows(10**9, torch.float32) == 16  # the floor
+    assert default_fused_chunk_rows(262_144, torch.float32) == 128
+    assert default_fused_chunk_rows(262_144, torch.bfloat16) == 128  # sized as float32
+    assert default_fused_chunk_rows(49_152, torch.float64) == 341
+    assert default_fused_chunk_rows(10**9, torch.float32) == 32  # the floor
 
 
 def test_bfloat16_no_worse_than_materialized_bfloat16():
