@@ -2,12 +2,13 @@
 
     muscle-cache build --config update.toml --model v1 --task piqa --out cache/piqa
     muscle-cache build --config update.toml --model v2 --task piqa --out cache/piqa
+    muscle-cache build ... --tail-samples 12        # format 2: a sampled tail beside the top-K
     torchrun --nproc_per_node 4 -m muscle.cli.cache build ...      # ranks split the shards
     muscle-cache inspect cache/piqa
     muscle-cache verify cache/piqa --model v1 --sample 256
 
 Thin over :mod:`muscle.teacher_cache`; cache-level options left out (K, temperatures, splits,
-chunking) are taken from an existing cache, or the defaults for a new one.
+chunking, tail samples and seed) are taken from an existing cache, or the defaults for a new one.
 """
 
 from __future__ import annotations
@@ -55,6 +56,13 @@ def _floats(value: str | None) -> tuple[float, ...] | None:
     help=f"Teacher entries kept per token (default {DEFAULT_TOP_K}); --k is its old name.",
 )
 @click.option("--temperatures", help="Cached temperatures, with 1 (default 1,2).")
+@click.option(
+    "--tail-samples",
+    type=int,
+    help="M: tail tokens sampled per position beside the top-K (cache format 2, the unbiased "
+    "full-vocabulary KL; muscle/TAIL_ESTIMATOR.md). Default 0: no tail, cache format 1.",
+)
+@click.option("--tail-seed", type=int, help="Seed of the tail sampler (default 0).")
 @click.option("--value-dtype", type=click.Choice(["float16", "float32"]))
 @click.option("--ids-dtype", type=click.Choice(["auto", "uint8", "uint16", "uint32", "int32"]))
 @click.option("--codec", type=click.Choice(["zstd", "lz4", "lz4hc", "blosclz", "zlib", "none"]))
@@ -102,6 +110,8 @@ def build_cmd(**o) -> None:
         o["out"],
         k=o["k"],
         temperatures=_floats(o["temperatures"]),
+        tail_samples=o["tail_samples"],
+        tail_seed=o["tail_seed"],
         splits=tuple(o["splits"].split(",")) if o["splits"] else None,
         value_dtype=o["value_dtype"],
         ids_dtype=o["ids_dtype"],
@@ -164,7 +174,8 @@ def inspect_cmd(path: str, as_json: bool) -> None:
 @click.option("--device", help="Default: cuda if present, else cpu.")
 def verify_cmd(path: str, models: tuple[str, ...], sample: int, seed: int, device: str | None):
     """Every chunk readable and consistent; with --model, re-run the teacher on sampled
-    positions and compare ids, log-probs, log-sum-exps and label log-probs."""
+    positions and compare ids, log-probs, log-sum-exps and label log-probs (format 2: also
+    redraw the tail samples and compare their log-probs and the negative entropy)."""
     from muscle.teacher_cache import verify_cache
 
     rep = verify_cache(path, rerun=models, sample=sample, seed=seed, device=device)
@@ -176,6 +187,12 @@ def verify_cmd(path: str, models: tuple[str, ...], sample: int, seed: int, devic
             f"top-K set {st['max_topk_set_err']:.2g}, lse {st['max_lse_err']:.2g}, "
             f"label {st['max_label_err']:.2g} (tolerance {st['tolerance']})"
         )
+        if "tail_ids_exact" in st:  # format 2: the sampled tail redrawn from the model
+            click.echo(
+                f"  tail draws redrawn exactly {st['tail_ids_exact']:.1%}, max errors: draw "
+                f"{st['max_tail_draw_err']:.2g} (tolerance {st['draw_tolerance']:.2g}), tail "
+                f"log-prob {st['max_tail_logprob_err']:.2g}, negent {st['max_negent_err']:.2g}"
+            )
     for err in rep.errors:
         click.echo(f"FAIL {err}", err=True)
     if not rep.ok:

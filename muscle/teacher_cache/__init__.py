@@ -1,7 +1,7 @@
 """The teacher-logit cache: build, resume, inspect, verify and read a Zarr v3 store.
 
-``muscle/CACHE_FORMAT.md`` is the normative description of the store (format 1); this package
-is one implementation of it. In short::
+``muscle/CACHE_FORMAT.md`` is the normative description of the store (formats 1 and 2); this
+package is one implementation of it. In short::
 
     <cache>/                      group, attrs["muscle_cache"]: format, data config, fingerprints
       stream/input_ids  (N,)      int32   every example's tokens, concatenated
@@ -14,6 +14,9 @@ is one implementation of it. In short::
         logprobs      (N, K)      float16 log-probs at T=1 of those ids
         lse           (N, nT)     float32 logsumexp(z / T) for each cached T
         label_logprob (N,)        float32 log p(label) at T=1, NaN where label == -100
+        tail_ids      (N, M)      uintX   format 2: M draws from the tail at T_r
+        tail_logprobs (N, M)      float16 format 2: log-probs at T=1 of those draws
+        negent        (N, nT)     float32 format 2: sum_j p_T log p_T for each cached T
         done          (n_chunks,) uint8   1 = that chunk of every array above is durable
 
 One module per concern:

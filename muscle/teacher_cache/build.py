@@ -23,6 +23,7 @@ import numpy as np
 
 from muscle import MuscleError, __version__, distributed
 from muscle.config import DataConfig, ModelSpec
+from muscle.tail_sampling import teacher_key
 from muscle.teacher_cache.compute import (
     _default_device,
     _plan_batches,
@@ -31,9 +32,8 @@ from muscle.teacher_cache.compute import (
     compute_unit,
 )
 from muscle.teacher_cache.schema import (
-    FORMAT_VERSION,
-    SCHEMAS,
     CacheConfig,
+    build_schema,
     ids_dtype_for,
 )
 from muscle.teacher_cache.store import open_group, read_meta
@@ -85,10 +85,17 @@ def _refuse(path: Path, name: str, what: str, mine: Any, theirs: Any, hint: str 
 
 
 def check_compatible(path: Path, name: str, meta: dict, new: dict) -> None:
-    """Refuse to mix: format, K, tokenizer, dataset, split or token stream differing from the
-    cache's."""
+    """Refuse to mix: format (sampled tail or not), M, K, tokenizer, dataset, split or token
+    stream differing from the cache's."""
     if meta.get("format") != new["format"]:
+        if {meta.get("format"), new["format"]} == {1, 2}:
+            _refuse_tail_mix(path, name, meta, new)
         _refuse(path, name, "cache format", new["format"], meta.get("format"))
+    if new["format"] >= 2:
+        for key, flag in (("tail_samples", "--tail-samples"), ("tail_seed", "--tail-seed")):
+            if meta.get(key) != new[key]:
+                what = key.replace("_", " ")
+                _refuse(path, name, what, new[key], meta.get(key), f"pass the cache's {flag}")
     if int(meta["k"]) != int(new["k"]):
         _refuse(path, name, "K", new["k"], meta["k"], "pass the cache's --k")
     for key in ("temperatures", "chunk_tokens", "shard_chunks"):
@@ -131,6 +138,21 @@ def check_compatible(path: Path, name: str, meta: dict, new: dict) -> None:
             meta.get("stream_fingerprint"),
             "tokenization options (--max-length, --truncation, --answer-only) differ",
         )
+
+
+def _refuse_tail_mix(path: Path, name: str, meta: dict, new: dict) -> None:
+    """A format 2 teacher (sampled tail) into a format 1 cache, or the reverse: one line."""
+    if new["format"] == 2:
+        mine, theirs = f"a sampled tail of M={new['tail_samples']} (format 2)", "none (format 1)"
+        hint = "build it with --tail-samples 0 (no tail)"
+    else:
+        mine, theirs = "no sampled tail (format 1)", f"M={meta.get('tail_samples')} (format 2)"
+        hint = f"build it with --tail-samples {meta.get('tail_samples')}"
+    raise MuscleError(
+        f"refusing to add teacher {name!r} to {path}: it would store {mine} but the cache's "
+        f"teachers have {theirs}, and all teachers of one cache share M; {hint}, or into a new "
+        "--out directory (or pass --overwrite to discard the whole cache)"
+    )
 
 
 # ================================================================ build
@@ -190,7 +212,7 @@ def build_cache(
     cfg = cfg or CacheConfig()
     cfg.validate()
     _check_name(name)
-    schema = SCHEMAS[FORMAT_VERSION]
+    schema = build_schema(cfg)
     with distributed.process_group("gloo") as dist:
         device = device or _default_device()
         if dist.world_size > 1 and device.startswith("cuda") and ":" not in device:
@@ -228,6 +250,12 @@ def build_cache(
             },
             "data_config": asdict(data),
         }
+        if schema.format >= 2:  # format 1's attributes stay exactly what they were
+            new |= {
+                "tail_samples": cfg.tail_samples,
+                "tail_seed": cfg.tail_seed,
+                "proposal_temperature": cfg.proposal_temperature,
+            }
         _check_writable(path)
         meta = _existing_meta(path, overwrite)
         if meta is not None and _mismatch(path, name, meta, new):
@@ -256,6 +284,12 @@ def build_cache(
         vocab = int(model.get_output_embeddings().weight.shape[0])
         if cfg.k > vocab:
             raise MuscleError(f"K={cfg.k} is larger than the vocabulary of {name} ({vocab})")
+        if cfg.tail_samples > vocab - cfg.k:
+            raise MuscleError(
+                f"--tail-samples {cfg.tail_samples} is larger than the tail of {name}: V - K = "
+                f"{vocab} - {cfg.k} = {vocab - cfg.k} tokens outside the top-K; lower "
+                "--tail-samples or --top-k"
+            )
         if data.max_length is None:
             data = replace(data, max_length=model_max_length(model))
         encoded = {
@@ -308,6 +342,13 @@ def build_cache(
                     "stream_fingerprint": new["stream_fingerprint"],
                     "muscle_version": __version__,
                 }
+                if schema.format >= 2:
+                    tattrs |= {
+                        "tail_samples": cfg.tail_samples,
+                        "tail_seed": cfg.tail_seed,
+                        "proposal_temperature": cfg.proposal_temperature,
+                        "teacher_key": teacher_key(name),
+                    }
                 resumable = (
                     tmeta is not None
                     and not overwrite
@@ -352,6 +393,7 @@ def build_cache(
                     pad_id=tok.pad_token_id,
                     progress=bar,
                     schema=schema,
+                    teacher=name,
                 )
                 _write_unit(tg, tdir, u, res, cfg, schema)
             secs = time.time() - t0

@@ -1,5 +1,6 @@
 """What a teacher stores for one unit (shard) of the stream: its forward pass over the unit's
-examples, in a fixed length-sorted batch order, and the top-K values of each position."""
+examples, in a fixed length-sorted batch order, and the top-K values of each position (format
+2: also the sampled tail and the negative entropy, CACHE_FORMAT.md §9)."""
 
 from __future__ import annotations
 
@@ -102,11 +103,23 @@ def compute_unit(
     pad_id: int,
     progress=None,
     schema: Schema = FORMAT_1,
+    teacher: str | None = None,
 ) -> UnitResult:
-    """Every teacher array of the schema for tokens [lo, hi) of the stream."""
+    """Every teacher array of the schema for tokens [lo, hi) of the stream.
+
+    ``teacher``: the teacher's name, which keys its tail draws (format 2 only; the draws of a
+    position depend on (cfg.tail_seed, teacher, global position) alone, so any split of the
+    stream into units, ranks or runs writes the same bytes)."""
+    from muscle.tail_sampling import TailSampling, teacher_key
     from muscle.topk import teacher_topk
 
     K, temps = cfg.k, [float(t) for t in cfg.temperatures]
+    tail = None
+    if schema.format >= 2:
+        if teacher is None:
+            raise ValueError("a format 2 unit needs the teacher's name (its tail draws' key)")
+        spec = TailSampling(cfg.tail_samples, cfg.tail_seed, cfg.proposal_temperature)
+        tail = (spec, teacher_key(teacher))
     out = UnitResult.allocate(schema, Dims(cfg, stream.n_tokens, ids_dtype=ids_dtype), hi - lo)
     off = stream.offsets
     lengths = np.diff(off)
@@ -126,7 +139,9 @@ def compute_unit(
         with torch.no_grad():
             logits = forward_logits(model, input_ids.to(device), mask.to(device))
             try:
-                top = teacher_topk(logits, labels.to(logits.device), K, tuple(temps))
+                top = teacher_topk(
+                    logits, labels.to(logits.device), K, tuple(temps), negentropy=tail is not None
+                )
             except ValueError as e:
                 if "non-finite" not in str(e):
                     raise
@@ -139,6 +154,8 @@ def compute_unit(
             "lse": lse.numpy(),
             "label_logprob": (top.label_logit.cpu() - lse[:, t1]).numpy(),  # NaN where ignored
         }
+        if tail is not None:
+            rows |= _tail_rows(logits, top, pos, tail, lse[:, t1], temps)
         keep = (pos >= lo) & (pos < hi)
         dst = pos[keep] - lo
         for name, arr in out.items():
@@ -146,6 +163,22 @@ def compute_unit(
         if progress is not None:
             progress.update(int(keep.sum()))
     return out
+
+
+def _tail_rows(logits, top, pos: np.ndarray, tail, lse1: torch.Tensor, temps) -> dict:
+    """Format 2's arrays for a batch's rows: M draws outside the head at T_r keyed by the
+    rows' global stream positions ``pos`` (N_real,), their log p at T=1 (raw logit - lse_1,
+    like the head's), and the negative entropy at each cached T."""
+    from muscle.tail_sampling import sample_tail
+
+    spec, key = tail
+    where = torch.from_numpy(pos.astype(np.int64)).to(logits.device)  # (N_real,)
+    d = sample_tail(logits, top.ids, where, spec, key)  # (N_real, M) ids and raw logits
+    return {
+        "tail_ids": d.ids.cpu().numpy(),  # (N_real, M)
+        "tail_logprobs": (d.values.cpu() - lse1[:, None]).numpy(),  # (N_real, M) at T=1
+        "negent": torch.stack([top.negent[t] for t in temps], 1).cpu().numpy(),  # (N_real, nT)
+    }
 
 
 def _nonfinite_error(stream: StreamData, position: int) -> MuscleError:

@@ -46,10 +46,11 @@ def _entries_format1(
     ignored: np.ndarray,
     temperatures: Sequence[float],
     temperature: float,
+    meta: dict,
 ) -> dict[str, np.ndarray]:
     """A format-1 teacher's stored arrays at P sorted positions (``ignored``: (P,) bool, no
     label there) -> its batch entries: ``ids`` (P, K), ``logprobs`` (P, K) at ``temperature``,
-    ``label_logprob`` (P,) at T=1."""
+    ``label_logprob`` (P,) at T=1. ``meta``: the cache's attributes."""
     lp1 = got["logprobs"].astype(np.float32)  # (P, K) log p at T=1
     lab = got["label_logprob"]
     lab[ignored] = 0.0  # NaN in the store; 0 here so masks never propagate NaN
@@ -60,8 +61,42 @@ def _entries_format1(
     }
 
 
+def _entries_format2(
+    got: dict[str, np.ndarray],
+    ignored: np.ndarray,
+    temperatures: Sequence[float],
+    temperature: float,
+    meta: dict,
+) -> dict[str, np.ndarray]:
+    """Format 1's entries plus the sampled tail at ``temperature`` T, what the loss's
+    ``SampledTail`` takes: ``tail_ids`` (P, M), ``tail_logweights`` (P, M) float32
+    log p_hat = log(w_T / M) (:func:`muscle.tail_sampling.tail_logweights`, from the stored
+    T=1 log-probs of head and draws and the lse's), ``negent`` (P,) float32 at T."""
+    from muscle.tail_sampling import tail_logweights
+
+    lse = torch.from_numpy(got["lse"])  # (P, nT) float32
+    logw = tail_logweights(
+        torch.from_numpy(got["logprobs"].astype(np.float32)),  # (P, K) head, T = 1
+        torch.from_numpy(got["tail_logprobs"].astype(np.float32)),  # (P, M) draws, T = 1
+        {t: lse[:, i] for i, t in enumerate(temperatures)},
+        temperature,
+        float(meta["proposal_temperature"]),
+    )  # (P, M) float32
+    out = _entries_format1(got, ignored, temperatures, temperature, meta)
+    out["tail_ids"] = got["tail_ids"]
+    out["tail_logweights"] = logw.numpy()
+    out["negent"] = got["negent"][:, list(temperatures).index(temperature)]
+    return out
+
+
 # Cache format -> how its teacher arrays become the batch entries ``<teacher>_<entry>``.
-TEACHER_ENTRIES: dict[int, Callable[..., dict[str, np.ndarray]]] = {1: _entries_format1}
+TEACHER_ENTRIES: dict[int, Callable[..., dict[str, np.ndarray]]] = {
+    1: _entries_format1,
+    2: _entries_format2,
+}
+# Entries padded with something other than 0 beyond each example's length: -inf is the loss's
+# padding draw (weight 0), so even a padded row would carry no tail mass.
+_PAD = {"tail_logweights": -np.inf}
 
 
 class CacheReader:
@@ -84,6 +119,7 @@ class CacheReader:
         self.stream = read_stream(self._group(), self.path, self.schema)
         self.temperatures = [float(t) for t in self.meta["temperatures"]]
         self.k = int(self.meta["k"])
+        self.tail_samples = int(self.meta.get("tail_samples", 0))  # M; 0: format 1, no tail
         self.chunk_tokens = int(self.meta["chunk_tokens"])
         self.shard_tokens = self.chunk_tokens * int(self.meta["shard_chunks"])
         self._done: dict[str, np.ndarray] = {}
@@ -263,14 +299,16 @@ class CacheReader:
         for t in teachers:
             for entry, values in self._read_teacher(t, pos, ignored, temperature).items():
                 if values.dtype.kind == "f":  # padding: 0 (ids, log-probs alike)
-                    batch[f"{t}_{entry}"] = torch.from_numpy(pad(values, 0.0, np.float32))
+                    fill = _PAD.get(entry, 0.0)
+                    batch[f"{t}_{entry}"] = torch.from_numpy(pad(values, fill, np.float32))
                 else:
                     batch[f"{t}_{entry}"] = torch.from_numpy(pad(values, 0, np.int64))
         return batch
 
     def _read_teacher(self, name: str, pos: np.ndarray, ignored: np.ndarray, temperature: float):
         """The teacher's batch entries at sorted positions ``pos`` (P,), by the cache format's
-        ``TEACHER_ENTRIES`` (format 1: ``ids``, ``logprobs`` at T, ``label_logprob``)."""
+        ``TEACHER_ENTRIES`` (format 1: ``ids``, ``logprobs`` at T, ``label_logprob``; format 2
+        also ``tail_ids``, ``tail_logweights`` and ``negent`` at T)."""
         self.check_teacher(name)
         chunks = np.unique(pos // self.chunk_tokens)
         done = self._done[name]
@@ -283,7 +321,7 @@ class CacheReader:
             for a in self.schema.teacher_arrays
         }
         entries = TEACHER_ENTRIES[self.schema.format]
-        return entries(got, ignored, self.temperatures, float(temperature))
+        return entries(got, ignored, self.temperatures, float(temperature), self.meta)
 
 
 class _BatchDataset(torch.utils.data.Dataset):

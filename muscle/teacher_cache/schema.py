@@ -6,13 +6,17 @@ teacher field means: an :class:`ArraySpec` in a new format's ``teacher`` tuple, 
 computes it (``compute.compute_unit``), the code that consumes it (``read.TEACHER_ENTRIES``),
 and the spec. :class:`CacheConfig`, the settings that size these arrays, lives here too.
 
+Format 1 is the top-K head; format 2 adds a sampled tail (M draws per position, their T=1
+log-probs, the teacher's negative entropy per T: ``muscle/TAIL_ESTIMATOR.md``). A build writes
+format 2 exactly when ``CacheConfig.tail_samples`` > 0, so a format 1 build is what it was.
+
 Dimensions (resolved by :class:`Dims`):
 
     rows  "N"      tokens, token-major: chunks of C rows, shards of S = C * shard_chunks rows
                    (one shard = one file), allocated with max(N, 1) rows
           "E"      examples; "E+1" example boundaries: one chunk, no shards
           "chunks" one entry per token chunk (the ``done`` bits): shard_chunks entries per chunk
-    cols  None (1-D), "K" (top-K), "nT" (cached temperatures)
+    cols  None (1-D), "K" (top-K), "nT" (cached temperatures), "M" (tail draws, format 2)
     dtype a numpy name, "str" (UTF-8 strings), or the teacher's "ids" / "values" dtype
 """
 
@@ -29,7 +33,8 @@ from muscle import MuscleError
 from muscle.config import DEFAULT_TEMPERATURE, DEFAULT_TOP_K
 from muscle.data import IGNORE_INDEX
 
-FORMAT_VERSION = 1  # the format this muscle writes (the newest it reads)
+FORMAT_VERSION = 2  # the newest format this muscle reads and writes (1: no sampled tail)
+DEFAULT_TAIL_SAMPLES = 0  # M: 0 writes format 1 (see CacheConfig.tail_samples)
 SPLIT_CODES = ("train", "validation")  # stream/split stores the index into this tuple
 
 
@@ -39,7 +44,7 @@ class ArraySpec:
 
     name: str
     rows: str  # "N" | "E" | "E+1" | "chunks"
-    cols: str | None  # None | "K" | "nT"
+    cols: str | None  # None | "K" | "nT" | "M"
     dtype: str  # numpy name | "str" | "ids" | "values"
     fill: Any
     meaning: str
@@ -85,7 +90,23 @@ FORMAT_1 = Schema(
     ),
     done=DONE,
 )
-SCHEMAS: dict[int, Schema] = {1: FORMAT_1}
+FORMAT_2 = Schema(
+    format=2,
+    stream=STREAM,
+    teacher=(
+        *FORMAT_1.teacher,
+        ArraySpec("tail_ids", "N", "M", "ids", 0, "M draws from the tail at T_r, draw order"),
+        ArraySpec("tail_logprobs", "N", "M", "values", float("nan"), "log p at T=1 of the draws"),
+        ArraySpec("negent", "N", "nT", "float32", float("nan"), "sum_j p_T log p_T per cached T"),
+    ),
+    done=DONE,
+)
+SCHEMAS: dict[int, Schema] = {1: FORMAT_1, 2: FORMAT_2}
+
+
+def build_schema(cfg: CacheConfig) -> Schema:
+    """The format a build with these settings writes: 2 with a sampled tail (M > 0), else 1."""
+    return SCHEMAS[2 if cfg.tail_samples > 0 else 1]
 
 
 def schema_for(fmt: Any, where: str | Path = "cache") -> Schema:
@@ -124,10 +145,21 @@ class CacheConfig:
     chunk_tokens: int = 2048  # tokens per chunk: the unit a reader decodes
     shard_chunks: int = 32  # chunks per shard: one file per shard; the build/rank unit
     batch_size: int = 8  # examples per teacher forward pass
+    # M tail tokens drawn per position and teacher (format 2); 0 writes format 1. The default
+    # stays 0 until issue 13's measurements pick M for the byte budget: format 2 costs
+    # M * (ids + value bytes) + 4 nT bytes more per token and teacher (CACHE_FORMAT.md §9).
+    tail_samples: int = DEFAULT_TAIL_SAMPLES
+    tail_seed: int = 0  # the sampler's seed, in [0, 2^63) (TAIL_ESTIMATOR.md §6)
 
     @property
     def shard_tokens(self) -> int:
         return self.chunk_tokens * self.shard_chunks
+
+    @property
+    def proposal_temperature(self) -> float:
+        """T_r, the temperature the tail is drawn at: the highest cached one (TAIL_ESTIMATOR.md
+        §4: the importance weights to every cached T <= T_r are then bounded)."""
+        return max(float(t) for t in self.temperatures)
 
     def validate(self) -> None:
         if self.k < 1:
@@ -151,11 +183,32 @@ class CacheConfig:
             raise MuscleError(f"unknown shuffle {self.shuffle!r}")
         if self.chunk_tokens < 1 or self.shard_chunks < 1 or self.batch_size < 1:
             raise MuscleError("chunk tokens, shard chunks and batch size must be >= 1")
+        if isinstance(self.tail_samples, bool) or not (
+            isinstance(self.tail_samples, int) and self.tail_samples >= 0
+        ):
+            raise MuscleError(
+                f"--tail-samples must be an integer >= 0 (0: no sampled tail), "
+                f"got {self.tail_samples!r}"
+            )
+        if isinstance(self.tail_seed, bool) or not (
+            isinstance(self.tail_seed, int) and 0 <= self.tail_seed < 2**63
+        ):
+            raise MuscleError(
+                f"--tail-seed must be an integer in [0, 2^63), got {self.tail_seed!r}"
+            )
 
 
 # Settings every teacher of one cache shares; a mismatch is refused (or taken from the cache
 # when not given explicitly, see store.resolve_cache_config).
-CACHE_LEVEL = ("k", "temperatures", "splits", "chunk_tokens", "shard_chunks")
+CACHE_LEVEL = (
+    "k",
+    "temperatures",
+    "splits",
+    "chunk_tokens",
+    "shard_chunks",
+    "tail_samples",
+    "tail_seed",
+)
 
 
 def ids_dtype_for(vocab_size: int, requested: str = "auto") -> np.dtype:
@@ -198,7 +251,11 @@ class Dims:
     def cols(self, spec: ArraySpec) -> tuple[int, ...]:
         if spec.cols is None:
             return ()
-        return ({"K": self.cfg.k, "nT": len(self.cfg.temperatures)}[spec.cols],)
+        return (
+            {"K": self.cfg.k, "nT": len(self.cfg.temperatures), "M": self.cfg.tail_samples}[
+                spec.cols
+            ],
+        )
 
     def dtype(self, spec: ArraySpec) -> Any:
         if spec.dtype == "ids":

@@ -118,6 +118,7 @@ def resolve_cache_config(path: str | Path, **given: Any) -> CacheConfig:
         with contextlib.suppress(MuscleError):
             meta = read_meta(path)
             base = {k: meta[k] for k in CACHE_LEVEL if k in meta}
+            base.setdefault("tail_samples", 0)  # a format 1 cache: its teachers have no tail
             if "temperatures" in base:
                 base["temperatures"] = tuple(float(t) for t in base["temperatures"])
             base["splits"] = tuple(base.get("splits", SPLIT_CODES))
