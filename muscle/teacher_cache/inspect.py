@@ -1,5 +1,6 @@
 """``muscle-cache inspect``: what a cache holds (teachers, provenance, sizes, compression,
-completeness, top-K probability mass), as a dict and as text."""
+completeness, top-K probability mass; format 2: the sampled tail's weight spread and estimator
+SD), as a dict and as text."""
 
 from __future__ import annotations
 
@@ -77,6 +78,13 @@ def inspect_cache(path: str | Path) -> dict:
             "compression_ratio": raw / max(on_disk, 1),
             "top_k_mass": _top_k_mass(path, meta, root, name),
         }
+        if "tail_ids" in schema.teacher_arrays:
+            info["teachers"][name]["tail"] = {
+                "samples": int(meta["tail_samples"]),
+                "seed": int(meta["tail_seed"]),
+                "proposal_temperature": float(meta["proposal_temperature"]),
+                "spread": _tail_spread(path, meta, root, name),
+            }
     return info
 
 
@@ -95,18 +103,11 @@ def top_k_mass(path: str | Path, name: str, *, max_rows: int = 4096) -> dict[str
 def _top_k_mass(path: Path, meta: dict, root, name: str, max_rows: int = 4096) -> dict[str, dict]:
     tg = root["teachers"][name]
     temps = [float(t) for t in meta["temperatures"]]
-    C, n_tok = int(meta["chunk_tokens"]), int(meta.get("n_tokens", 0))
-    written = np.flatnonzero(tg["done"][:]) if "done" in tg else np.zeros(0, dtype=int)
-    if written.size == 0 or 1.0 not in temps:
+    if 1.0 not in temps:
         return {}
-    n_pick = min(written.size, -(-max_rows // C))
-    picked = np.unique(written[np.linspace(0, written.size - 1, n_pick).round().astype(int)])
     masses = []
     where = f"teachers/{name}"
-    for c in picked:
-        rows = slice(int(c) * C, min((int(c) + 1) * C, n_tok))
-        labels = read_checked(root["stream"]["labels"], path, "stream/labels", rows, REBUILD_CACHE)
-        keep = labels != IGNORE_INDEX  # (R,)
+    for rows, keep in _sampled_rows(path, meta, root, name, max_rows):
         lp1 = read_checked(tg["logprobs"], path, f"{where}/logprobs", rows, REBUILD_TEACHER)
         lse = read_checked(tg["lse"], path, f"{where}/lse", rows, REBUILD_TEACHER)[keep]
         lp1 = lp1[keep].astype(np.float64)  # (R', K) log p at T = 1
@@ -115,14 +116,81 @@ def _top_k_mass(path: Path, meta: dict, root, name: str, max_rows: int = 4096) -
                 [np.exp(stored_logprobs_at(lp1.copy(), lse, temps, t)).sum(1) for t in temps], 1
             )
         )  # (R', nT)
-    mass = np.concatenate(masses)
-    if mass.shape[0] == 0:
+    if not masses or (mass := np.concatenate(masses)).shape[0] == 0:
         return {}
     return {
         str(t): {
             "median": float(np.median(mass[:, i])),
             "p10": float(np.quantile(mass[:, i], 0.1)),
             "tokens": int(mass.shape[0]),
+        }
+        for i, t in enumerate(temps)
+    }
+
+
+def _sampled_rows(path: Path, meta: dict, root, name: str, max_rows: int):
+    """(row slice, labelled (R,) bool) of whole written chunks, evenly spaced, up to
+    ``max_rows`` rows (all rows of a smaller cache): what inspect's statistics look at."""
+    tg = root["teachers"][name]
+    C, n_tok = int(meta["chunk_tokens"]), int(meta.get("n_tokens", 0))
+    written = np.flatnonzero(tg["done"][:]) if "done" in tg else np.zeros(0, dtype=int)
+    if written.size == 0:
+        return
+    n_pick = min(written.size, -(-max_rows // C))
+    picked = np.unique(written[np.linspace(0, written.size - 1, n_pick).round().astype(int)])
+    for c in picked:
+        rows = slice(int(c) * C, min((int(c) + 1) * C, n_tok))
+        labels = read_checked(root["stream"]["labels"], path, "stream/labels", rows, REBUILD_CACHE)
+        yield rows, labels != IGNORE_INDEX
+
+
+def _tail_spread(path: Path, meta: dict, root, name: str, max_rows: int = 4096) -> dict:
+    """How noisy a format 2 teacher's sampled tail is, at each cached T, over labelled rows.
+
+    -> {str(T): {"ess_median", "ess_p10", "sd_median", "sd_rms", "tokens"}}. ``ess``: the
+    effective sample size of the row's importance weights w over M, (sum w)^2 / (M sum w^2),
+    1 at T = T_r (TAIL_ESTIMATOR.md §3-4). ``sd``: the standard deviation of the row's tail
+    estimate sum_m (w_m / M) log q(x_m) for a student equal to the teacher (q = p_T),
+    estimated from the row's own M draws (sample SD of w log p_T over sqrt(M); 0 for M = 1):
+    the per-token SD of the logged KL near convergence, in nats; a batch mean over n tokens
+    has SD ~ sd_rms / sqrt(n)."""
+    import torch
+
+    from muscle.tail_sampling import tail_logweights
+
+    tg = root["teachers"][name]
+    temps = [float(t) for t in meta["temperatures"]]
+    t_r, m = float(meta["proposal_temperature"]), int(meta["tail_samples"])
+    where = f"teachers/{name}"
+    ess: list[np.ndarray] = []  # per chunk (R', nT)
+    sd: list[np.ndarray] = []
+    for rows, keep in _sampled_rows(path, meta, root, name, max_rows):
+        got = {
+            a: read_checked(tg[a], path, f"{where}/{a}", rows, REBUILD_TEACHER)[keep]
+            for a in ("logprobs", "tail_logprobs", "lse")
+        }
+        head = torch.from_numpy(got["logprobs"].astype(np.float64))  # (R', K) T = 1
+        tail = torch.from_numpy(got["tail_logprobs"].astype(np.float64))  # (R', M) T = 1
+        lse = torch.from_numpy(got["lse"].astype(np.float64))  # (R', nT)
+        by_t = {t: lse[:, i] for i, t in enumerate(temps)}
+        e_cols, s_cols = [], []
+        for i, t in enumerate(temps):
+            w = tail_logweights(head, tail, by_t, t, t_r).exp() * m  # (R', M) weights
+            e_cols.append(w.sum(1) ** 2 / (m * (w**2).sum(1)).clamp(min=1e-300))
+            a = w * ((tail + lse[:, temps.index(1.0), None]) / t - lse[:, i, None])  # w log p_T
+            s_cols.append((a.var(1) / m).sqrt() if m > 1 else torch.zeros(len(a)))
+        ess.append(torch.stack(e_cols, 1).numpy())
+        sd.append(torch.stack(s_cols, 1).numpy())
+    if not ess or (e := np.concatenate(ess)).shape[0] == 0:
+        return {}
+    s = np.concatenate(sd)
+    return {
+        str(t): {
+            "ess_median": float(np.median(e[:, i])),
+            "ess_p10": float(np.quantile(e[:, i], 0.1)),
+            "sd_median": float(np.median(s[:, i])),
+            "sd_rms": float(np.sqrt(np.mean(s[:, i] ** 2))),
+            "tokens": int(e.shape[0]),
         }
         for i, t in enumerate(temps)
     }
@@ -162,11 +230,28 @@ def render_inspect(info: dict) -> str:
                 f"  built     {t['build'].get('finished')} on {t['build'].get('device')} "
                 f"x{t['build'].get('world_size')}"
             )
-        lines += _render_top_k_mass(t.get("top_k_mass") or {}, info["k"])
+        lines += _render_top_k_mass(t.get("top_k_mass") or {}, info["k"], bool(t.get("tail")))
+        lines += _render_tail(t.get("tail"))
     return "\n".join(lines) + "\n"
 
 
-def _render_top_k_mass(mass: dict, k: int) -> list[str]:
+def _render_tail(tail: dict | None) -> list[str]:
+    if not tail:
+        return []
+    lines = [
+        f"  tail      M={tail['samples']} draws/token at T_r={tail['proposal_temperature']:g} "
+        f"(seed {tail['seed']}): the loss is the unbiased full-vocabulary KL estimate"
+    ]
+    for t, s in (tail.get("spread") or {}).items():
+        lines.append(
+            f"  tail T={float(t):g} weights ESS {s['ess_median']:.0%} of M (p10 "
+            f"{s['ess_p10']:.0%}); KL estimate SD per token {s['sd_median']:.3g} nats median, "
+            f"{s['sd_rms']:.3g} rms (student = teacher)"
+        )
+    return lines
+
+
+def _render_top_k_mass(mass: dict, k: int, sampled: bool = False) -> list[str]:
     if not mass:
         return []
     n = next(iter(mass.values()))["tokens"]
@@ -175,7 +260,7 @@ def _render_top_k_mass(mass: dict, k: int) -> list[str]:
     )
     lines = [f"  top-{k} mass {cells}   ({n:,} labelled tokens)"]
     for t, m in mass.items():
-        if m["median"] < 0.5:
+        if m["median"] < 0.5 and not sampled:  # a sampled tail estimates the full KL anyway
             lines.append(
                 f"  note      at T={float(t):g} the top-{k} holds a median {m['median']:.0%} of the "
                 "teacher's probability: the cached loss is a loose lower bound of the full KL "

@@ -125,12 +125,41 @@ def _nan_iff_ignored(v: np.ndarray, labels: np.ndarray, vocab: int) -> str | Non
     return None
 
 
+def _tail_logprobs_ok(v: np.ndarray, labels: np.ndarray, vocab: int) -> str | None:
+    lp = v.astype(np.float32)
+    return None if np.isfinite(lp).all() and (lp <= 0).all() else "tail log-probs not finite <= 0"
+
+
+def _negent_ok(v: np.ndarray, labels: np.ndarray, vocab: int) -> str | None:
+    # sum_j p log p = -entropy <= 0; float32 rounding of a near-deterministic row stays ~1e-6
+    return None if np.isfinite(v).all() and (v <= 1e-4).all() else "negent not finite <= 0"
+
+
 INVARIANTS: dict[str, _Check] = {
     "ids": _ids_in_vocab,
     "logprobs": _descending_logprobs,
     "lse": _finite_lse,
     "label_logprob": _nan_iff_ignored,
+    "tail_ids": _ids_in_vocab,
+    "tail_logprobs": _tail_logprobs_ok,
+    "negent": _negent_ok,
 }
+
+
+def _tail_outside_head(got: dict[str, np.ndarray]) -> str | None:
+    """Format 2, across arrays: every draw lies outside its row's head and below its K-th
+    log-prob (rounding is monotone, so this holds exactly in the stored dtype)."""
+    if "tail_ids" not in got:
+        return None
+    for lo in range(0, len(got["ids"]), 4096):  # (R, M, K) compares, a block of rows at a time
+        rows = slice(lo, lo + 4096)
+        head, tail = got["ids"][rows].astype(np.int64), got["tail_ids"][rows].astype(np.int64)
+        if (tail[:, :, None] == head[:, None, :]).any():
+            return "tail draws inside the top-K head"
+        kth = got["logprobs"][rows].astype(np.float32).min(1, keepdims=True)  # (R, 1)
+        if (got["tail_logprobs"][rows].astype(np.float32) > kth).any():
+            return "tail draw log-probs above the head's K-th"
+    return None
 
 
 def _verify_teacher(path, root, name, stream, meta, schema: Schema, rep: VerifyReport) -> None:
@@ -172,6 +201,8 @@ def _verify_teacher(path, root, name, stream, meta, schema: Schema, rep: VerifyR
             for a, check in INVARIANTS.items()
             if a in got and (problem := check(got[a], lab, vocab))
         ]
+        if not bad and (problem := _tail_outside_head(got)):
+            bad.append(problem)
         if bad:
             rep.errors.append(f"{where} shard {u} (tokens {lo}-{hi - 1}): " + "; ".join(bad))
 
@@ -209,7 +240,8 @@ def _rerun_teacher(path, root, name, stream, meta, sample, seed, device, rep) ->
         lab_rows.append(torch.from_numpy(stream.labels[lo:hi][sel].astype(np.int64)))
     logits = torch.cat(rows)  # (P, V)
     labels = torch.cat(lab_rows)
-    fresh = teacher_topk(logits, labels, K, tuple(temps))
+    fmt2 = "tail_ids" in stored
+    fresh = teacher_topk(logits, labels, K, tuple(temps), negentropy=fmt2)
     # Tolerances: fp16 storage (relative 2^-11 of |log p|) plus forward-pass noise of the dtype.
     fwd_tol = 2e-3 if spec.dtype == "float32" else 0.15
     lp_stored = torch.from_numpy(stored["logprobs"].astype(np.float32))  # (P, K)
@@ -236,10 +268,61 @@ def _rerun_teacher(path, root, name, stream, meta, sample, seed, device, rep) ->
         "max_label_err": float(lab_err.max()) if lab_err.numel() else 0.0,
         "tolerance": fwd_tol,
     }
-    for key in ("max_logprob_err", "max_topk_set_err", "max_lse_err", "max_label_err"):
-        if not stats[key] <= fwd_tol:
+    tols = dict.fromkeys(("max_logprob_err", "max_topk_set_err", "max_lse_err", "max_label_err"))
+    if fmt2:
+        stats |= _rerun_tail(name, meta, stored, logits, fresh, pos, ids_stored, fp16)
+        # A draw may move to a neighbouring token when the forward's noise moves the CDF
+        # (TV(r_fresh, r_stored) <= exp(2 eps / T_r) - 1 for a logit error eps): that bound.
+        stats["draw_tolerance"] = math.expm1(2 * fwd_tol / float(meta["proposal_temperature"]))
+        tols |= {"max_tail_logprob_err": None, "max_negent_err": None}
+        tols["max_tail_draw_err"] = stats["draw_tolerance"]
+    for key, tol in tols.items():
+        tol = fwd_tol if tol is None else tol
+        if not stats[key] <= tol:
             rep.errors.append(
-                f"teachers/{name}: re-run differs from the store: {key}="
-                f"{stats[key]:.3g} > {fwd_tol}"
+                f"teachers/{name}: re-run differs from the store: {key}={stats[key]:.3g} > "
+                f"{tol:.3g}" + ("; its tail draws do not match the model" if "tail" in key else "")
             )
     return stats
+
+
+def _rerun_tail(name, meta, stored, logits, fresh, pos, ids_stored, fp16) -> dict:
+    """Format 2 on re-run rows: the stored draws are what the sampler draws from the model's
+    logits (P, V) at those global positions ``pos``, with the stored log-probs and negent.
+
+    ``tail_ids_exact``: fraction of draws redrawn identically (seed, teacher, position; the
+    stored head as the excluded set). ``max_tail_draw_err``: over the draws that differ, the
+    proposal mass (fresh logits, T_r) strictly between the stored and the redrawn token in
+    the sampler's id order: ~0 when forward noise moved a CDF boundary past the uniform, of
+    order 1 for draws from another seed, position or teacher."""
+    from muscle.tail_sampling import TailSampling, sample_tail, teacher_key
+
+    t_r = float(meta["proposal_temperature"])
+    spec = TailSampling(int(meta["tail_samples"]), int(meta["tail_seed"]), t_r)
+    tail = torch.from_numpy(stored["tail_ids"].astype(np.int64))  # (P, M)
+    lse1 = fresh.lse[1.0]
+    lp_tail = torch.from_numpy(stored["tail_logprobs"].astype(np.float32))  # (P, M)
+    tol = lp_tail.abs() * 2.0**-10 if fp16 else torch.zeros_like(lp_tail)
+    tail_err = (lp_tail - (logits.gather(1, tail) - lse1[:, None])).abs() - tol
+    temps = [float(t) for t in meta["temperatures"]]
+    negent = torch.from_numpy(stored["negent"])  # (P, nT)
+    negent_err = torch.stack([(negent[:, i] - fresh.negent[t]).abs() for i, t in enumerate(temps)])
+    try:
+        redraw = sample_tail(
+            logits, ids_stored, torch.from_numpy(pos), spec, teacher_key(name)
+        ).ids  # (P, M)
+    except ValueError as e:  # a damaged head (duplicate/out-of-range ids): no redraw possible
+        raise MuscleError(f"teachers/{name}: cannot redraw the tail: {e}") from None
+    # proposal r at T_r on the fresh logits, head excluded; cumulative in id order (float64)
+    x = logits.double().scatter(1, ids_stored, -math.inf) / t_r  # (P, V)
+    cdf = (x - x.amax(1, keepdim=True)).exp().cumsum(1)  # (P, V)
+    cdf /= cdf[:, -1:].clone()
+    lo, hi = torch.minimum(tail, redraw), torch.maximum(tail, redraw)  # (P, M)
+    between = (cdf.gather(1, (hi - 1).clamp(min=0)) - cdf.gather(1, lo)).clamp(min=0)
+    between = torch.where(lo == hi, 0.0, between)  # (P, M): mass strictly inside (lo, hi)
+    return {
+        "tail_ids_exact": float((redraw == tail).float().mean()) if tail.numel() else 1.0,
+        "max_tail_draw_err": float(between.max()) if between.numel() else 0.0,
+        "max_tail_logprob_err": float(tail_err.max().clamp(min=0)) if tail_err.numel() else 0.0,
+        "max_negent_err": float(negent_err.max()) if negent_err.numel() else 0.0,
+    }
