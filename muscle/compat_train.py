@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from muscle import MuscleError
+from muscle import MuscleError, distributed
 from muscle.config import (
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_K,
@@ -55,7 +55,9 @@ class CompatObjective:
 
     Batch keys: input_ids, attention_mask, labels (B, T); v1_ids, v2_ids (B, T, K);
     v1_logprobs, v2_logprobs (B, T, K) at the training temperature; v1_label_logprob,
-    v2_label_logprob (B, T) at T = 1 (for the likelihood masks).
+    v2_label_logprob (B, T) at T = 1 (for the likelihood masks). A teacher from a format 2
+    cache also has <t>_tail_ids, <t>_tail_logweights (B, T, M) and <t>_negent (B, T) at the
+    training temperature: its sampled tail, used whenever present (:func:`_sampled_tails`).
     """
 
     name = "compat"
@@ -64,6 +66,7 @@ class CompatObjective:
         if cfg.mask not in ALL_MASKS:
             raise MuscleError(f"unknown mask {cfg.mask!r}: choose one of {', '.join(ALL_MASKS)}")
         self.cfg = cfg
+        self._estimator_shown: str | None = None  # the loss estimator last announced
 
     def mask_for(self, batch: Batch, rows: torch.Tensor):
         """The kernel's own mask name, or a bool tensor (n,) for the likelihood masks."""
@@ -86,6 +89,7 @@ class CompatObjective:
         rows = valid_rows(batch)  # (n,)
         if rows.numel() == 0:
             zero = {"loss": 0.0, "kl": 0.0, "ce": 0.0, "frac_v1": 0.0, "n_tokens": 0.0}
+            zero["frac_sampled"] = 0.0
             return empty_batch_loss(model, batch), zero
         labels = batch["labels"].reshape(-1).index_select(0, rows)  # (n,)
 
@@ -94,6 +98,7 @@ class CompatObjective:
             return t.reshape(-1, t.shape[-1]).index_select(0, rows)
 
         z = student_logits(model, batch, rows)  # (n, V)
+        v1_tail, v2_tail = _sampled_tails(batch, rows, take)
         loss, stats = masked_kl_with_stats(
             z,
             labels,
@@ -106,15 +111,49 @@ class CompatObjective:
             ce_weight=self.cfg.ce_weight,
             t2_scale=self.cfg.t2_scale,
             impl=self.cfg.impl,
+            v1_tail=v1_tail,
+            v2_tail=v2_tail,
         )
-        s = _stats_dict(stats)
+        self._announce(stats.estimator)
+        s = _stats_dict(stats.as_dict())
         return loss, {
             "loss": loss.item(),
             "kl": s.get("kl", math.nan),
             "ce": s.get("ce", math.nan),
             "frac_v1": s.get("frac_v1", math.nan),
             "n_tokens": float(rows.numel()),
+            # 1: every token's loss was the sampled-tail estimate (format 2), 0: the K+1 bins
+            "frac_sampled": s.get("frac_sampled", 0.0),
         }
+
+    def _announce(self, estimator: str) -> None:
+        """Say which estimator the loss is (ESTIMATORS), once, and again if it changes."""
+        if estimator == self._estimator_shown or not distributed.dist_info().is_main:
+            return
+        from tqdm.auto import tqdm
+
+        from muscle.losses import ESTIMATORS
+
+        self._estimator_shown = estimator
+        tqdm.write(f"compat loss estimator: {estimator} ({ESTIMATORS[estimator]})")
+
+
+# ---------------------------------------------------------------- sampled tails (cache format 2)
+
+
+def _sampled_tails(batch: Batch, rows: torch.Tensor, take) -> tuple:
+    """Each teacher's :class:`muscle.losses.SampledTail` on the rows (n,), or None where the
+    batch has no tail for it (format 1, online): (v1_tail, v2_tail)."""
+    from muscle.losses import SampledTail
+
+    out = []
+    for who in ("v1", "v2"):
+        if f"{who}_tail_ids" not in batch:
+            out.append(None)
+            continue
+        negent = batch[f"{who}_negent"].reshape(-1).index_select(0, rows)  # (n,)
+        out.append(SampledTail(take(f"{who}_tail_ids"), take(f"{who}_tail_logweights"), negent))
+    return tuple(out)
 
 
 # ------------------------------------------------------------------------------ cache mode
@@ -217,6 +256,8 @@ def train_compat_from_cache(
             mode="cache",
             cache=str(cache_path),
             teachers=reader.teachers,
+            # the loss the cache supports: format 2 (a sampled tail) trains the full KL
+            loss_estimator="sampled_tail" if reader.tail_samples else "kplus1",
             compat=to_dict(compat_cfg),
             train=to_dict(train_cfg),
         )
