@@ -146,12 +146,16 @@ def stage(run: Run, name: str, cmd: list[str], done: Path | None, times: dict) -
     logs = run.root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     lock = logs / f"{name}.lock"
-    try:
-        os.close(os.open(lock, os.O_CREAT | os.O_EXCL))
-    except FileExistsError:
-        raise SystemExit(
-            f"{name}: locked by another run ({lock}); delete the lock if that run is gone"
-        ) from None
+    while True:
+        try:
+            os.close(os.open(lock, os.O_CREAT | os.O_EXCL))
+            break
+        except FileExistsError:  # another invocation is on this stage: wait for it
+            print(f"[wait] {name}: {lock} (delete it if that run is gone)", flush=True)
+            while lock.exists():
+                time.sleep(15)
+            if done is not None and done.exists():
+                return False
     try:
         log = logs / f"{name}.log"
         print(f"[run ] {name}: {' '.join(cmd)}  (log {log})", flush=True)
@@ -176,8 +180,15 @@ def record_time(run: Run, name: str, seconds: float) -> None:
     f = run.out / "timings.json"
     t = json.loads(f.read_text()) if f.is_file() else {}
     t[name] = {"seconds": seconds, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **load()}
+    write_json(f, t)
+
+
+def write_json(f: Path, obj) -> None:
+    """Atomically (two invocations may write the same results files)."""
     f.parent.mkdir(parents=True, exist_ok=True)
-    f.write_text(json.dumps(t, indent=1, sort_keys=True))
+    tmp = f.with_name(f"{f.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, f)
 
 
 def load() -> dict:
@@ -237,15 +248,20 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def keep_adapter(run_dir: Path, dest: Path) -> None:
-    """Copy a finished run's adapter and its small records into the committed folder."""
-    tmp = dest.with_name(dest.name + ".tmp")
+    """Copy a finished run's adapter and its small records into the committed folder (once:
+    an invocation that waited for another's run finds the copy made)."""
+    if (dest / "adapter_model.safetensors").exists():
+        return
+    tmp = dest.with_name(f"{dest.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for p in run_dir.iterdir():
         if p.is_file() and (p.name in ADAPTER_FILES or p.suffix in (".json", ".jsonl")):
             shutil.copy2(p, tmp / p.name)
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
+    try:
+        tmp.rename(dest)
+    except OSError:  # the other invocation's copy landed first
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def task_adapter(run: Run, task: str, cfg: Path, name: str, times: dict) -> None:
@@ -425,11 +441,13 @@ def task_pipeline(
 ) -> dict:
     cfg = write_config(run, task)
     pred = run.out / task / "pred"
-    for name in ("v2", "v1"):  # v2 first: it needs no healed v1
+    for name in ("v1",) if upto == "v1" else ("v2", "v1"):  # v2 first: it needs no healed v1
         if name == "v1":
             ensure_v1(run, times)
         task_adapter(run, task, cfg, name, times)
         predict(run, task, cfg, name, pred / f"{name}.jsonl", times)
+    if upto == "v1":  # a second invocation beside one that does v2
+        return {}
     res: dict = {"sizes": dataclasses.asdict(run.sizes(task))}
     res["disagreement_v1_v2"] = disagreement(pred / "v1.jsonl", pred / "v2.jsonl")
     res["report_v1_v2"] = compare(
@@ -502,7 +520,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tasks", default="piqa", help="comma-separated: piqa,hellaswag,samsum,gsm8k")
     ap.add_argument("--ablation", action="store_true", help="PIQA mask ablation (paper Table 6)")
     ap.add_argument("--online", action="store_true", help="PIQA v2c trained online as well")
-    ap.add_argument("--upto", choices=["pair", "all"], default="all", help="pair: v1/v2 only")
+    ap.add_argument(
+        "--upto",
+        choices=["v1", "pair", "all"],
+        default="all",
+        help="pair: the v1/v2 stages and their comparison only; v1: v1's task adapter and "
+        "predictions only (to run beside an invocation that does v2)",
+    )
     ap.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--root", type=Path, default=REPO / "runs" / "repro2")
@@ -552,7 +576,7 @@ def main(argv: list[str] | None = None) -> None:
         results["machine"] = machine()
         results["profile"] = a.profile
         results["lora"] = {"r": run.profile.lora_r, "alpha": run.profile.lora_alpha}
-        f.write_text(json.dumps(results, indent=1))
+        write_json(f, results)
     print(markdown(json.loads((run.out / "results.json").read_text())))
     print(f"total wall {time.time() - t0:.0f}s")
 
