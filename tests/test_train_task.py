@@ -254,7 +254,8 @@ def test_logits_at_labelled_positions_only(base_dir):
     assert _KEEP_MASK_OK[_NoKeepArg] is False
     assert all(g.abs().sum() > 0 for g in got["keep"])
     for a, b in zip(got["keep"], got["fallback"], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        # the same sums in another float32 order: seen 2.1e-5 relative on 1 entry of 256
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
 def test_an_int_for_a_float_option_is_the_same_config():
