@@ -9,7 +9,10 @@
 #   5. the triton and liger providers again with "cold" timing (comparable with older rows);
 #   6. the kernel-config sweep (--tune default) at N=16384.
 # Env: OUT (default ./gpu_out), BENCH_ARGS (extra bench_kernel.py arguments), SKIP_TESTS=1,
-# SKIP_BENCH=1, SKIP_COLD=1, SKIP_TUNE=1, VENV (default /tmp/muscle-gpu-venv).
+# SKIP_BENCH=1 (no benchmark at all), SKIP_GRID=1 (no full grid: only the cold rows and / or the
+# sweep), SKIP_COLD=1, SKIP_TUNE=1, TUNE_V (the sweep's vocabularies, default 32000,128256),
+# VENV (default /tmp/muscle-gpu-venv). benchmarks/run_gpu_fused.sh calls this for its setup,
+# kernel tests and sweep.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -85,11 +88,13 @@ else
 fi
 
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
-    say "benchmark (full grid)"
     CSV="$OUT/kernel_bench.csv"
-    # shellcheck disable=SC2086
-    PYTHONUNBUFFERED=1 "$PY" benchmarks/bench_kernel.py --out "$CSV" --plot "$OUT/kernel_bench.png" \
-        ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.txt"
+    if [ "${SKIP_GRID:-0}" != 1 ]; then
+        say "benchmark (full grid)"
+        # shellcheck disable=SC2086
+        PYTHONUNBUFFERED=1 "$PY" benchmarks/bench_kernel.py --out "$CSV" --plot "$OUT/kernel_bench.png" \
+            ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.txt"
+    fi
     # also keep the per-device CSV name that the repo uses
     DEV=$("$PY" -c 'import re, torch; print(re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-"))')
     if [ "${SKIP_COLD:-0}" != 1 ]; then
@@ -100,9 +105,9 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
     if [ "${SKIP_TUNE:-0}" != 1 ]; then
         say "kernel config sweep"
         PYTHONUNBUFFERED=1 "$PY" benchmarks/bench_kernel.py --out "$CSV" --tune default \
-            --N 16384 --V 32000,128256 2>&1 | tee -a "$OUT/bench.txt"
+            --N 16384 --V "${TUNE_V:-32000,128256}" 2>&1 | tee -a "$OUT/bench.txt"
     fi
-    cp "$CSV" "$OUT/kernel_${DEV}.csv"
+    [ -f "$CSV" ] && cp "$CSV" "$OUT/kernel_${DEV}.csv"
 fi
 say "done (pytest rc=$RC_TEST)"
 exit "$RC_TEST"

@@ -596,3 +596,50 @@ def test_final_hidden_at_rows_are_the_heads_input():
         h = final_hidden_at(model, batch, rows)
         z = student_logits(model, batch, rows)
     assert torch.allclose(model.lm_head(h), z, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# the prepared GPU script and its benchmark, checked without a GPU
+
+
+def test_gpu_script_dry_run_lists_every_stage(tmp_path):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    for script in ("run_gpu.sh", "run_gpu_fused.sh"):
+        assert subprocess.run(["bash", "-n", str(repo / "benchmarks" / script)]).returncode == 0
+    r = subprocess.run(
+        ["bash", str(repo / "benchmarks" / "run_gpu_fused.sh")],
+        env={**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    for stage in ("kernel", "fused_tests", "bench", "smoke"):
+        assert f"stage {stage} (limit" in r.stdout
+    assert "bench_fused_head_gpu.py" in r.stdout and "gpu_smoke.py --device cuda" in r.stdout
+
+
+def test_gpu_benchmark_plumbing_on_cpu(tmp_path):
+    import csv
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "fused.csv"
+    r = subprocess.run(
+        [sys.executable, "bench_fused_head_gpu.py", "--smoke", "--device", "cpu", "--out",
+         str(out), "--providers", "materialized,fused,cce", "--weight-grad", "1"],
+        cwd=repo / "benchmarks", capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert [x["provider"] for x in rows] == ["materialized", "fused", "fused", "cce"]
+    for x in rows[:3]:
+        assert float(x["ms_median"]) > 0 and x["note"] == ""
+        assert float(x["max_rel_diff"]) < 2e-2  # bf16: fused vs materialized, one rounding
+    assert rows[3]["note"] or float(rows[3]["ms_median"]) > 0  # absent here: a reason
