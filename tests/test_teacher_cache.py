@@ -13,6 +13,7 @@ import torch
 
 from muscle import MuscleError
 from muscle.config import DataConfig, ModelSpec
+from muscle.data import IGNORE_INDEX as IGNORE
 from muscle.teacher_cache import (
     CacheConfig,
     CacheReader,
@@ -234,6 +235,7 @@ def test_refuses_other_tokenizer_and_needs_overwrite(cache, models, tmp_path):
 def test_k_larger_than_vocabulary(models, tmp_path):
     with pytest.raises(MuscleError, match="larger than the vocabulary"):
         build(tmp_path / "c", models["m1"], cfg=CacheConfig(k=100_000))
+    assert sorted(tmp_path.iterdir()) == []  # refused before anything was created
 
 
 def test_unwritable_output(models, tmp_path):
@@ -284,6 +286,7 @@ def test_adapter_teacher_and_mismatched_base(models, tmp_path):
     save_adapter(peft, tmp_path / "ad", sidecar)
     with pytest.raises(MuscleError, match="was trained on base"):
         build(tmp_path / "c", models["m2"], "v2", adapter=str(tmp_path / "ad"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ad"]  # no cache directory left
     build(tmp_path / "c", models["m1"], "v2", adapter=str(tmp_path / "ad"))
     spec = cache_teacher_spec(tmp_path / "c", "v2")
     assert spec.adapter == str(tmp_path / "ad")
@@ -382,3 +385,81 @@ def test_top_k_mass_equals_dense_softmax(cache, models):
     info = inspect_cache(cache)
     assert info["teachers"]["v1"]["top_k_mass"]["2.0"]["tokens"] > 0
     assert f"top-{K} mass T=1:" in render_inspect(info)
+
+
+# ------------------------------------------------------------------------------ format
+
+
+def test_arrays_follow_the_schema_and_the_spec(cache):
+    """Every array of a built cache is one of the schema's, with its shape, dtype and fill; and
+    CACHE_FORMAT.md §2 lists exactly those arrays with the same shapes and fill values."""
+    import re
+
+    import zarr
+
+    from muscle.teacher_cache.schema import FORMAT_1, SCHEMAS, CacheConfig, Dims
+
+    root = zarr.open_group(str(cache), mode="r")
+    meta = root.attrs["muscle_cache"]
+    cfg = CacheConfig(
+        k=meta["k"],
+        temperatures=tuple(meta["temperatures"]),
+        chunk_tokens=meta["chunk_tokens"],
+        shard_chunks=meta["shard_chunks"],
+    )
+    for group, specs in (
+        ("stream", FORMAT_1.stream),
+        ("teachers/v1", (*FORMAT_1.teacher, FORMAT_1.done)),
+    ):
+        tm = root[group].attrs.get("muscle_teacher", {})
+        dims = Dims(
+            cfg, meta["n_tokens"], meta["n_examples"], np.dtype(tm.get("ids_dtype", "uint8"))
+        )
+        assert sorted(n for n, _ in root[group].arrays()) == sorted(a.name for a in specs)
+        for spec in specs:
+            arr, want = root[group][spec.name], dims.create_kwargs(spec)
+            assert arr.shape == want["shape"] and arr.chunks == want["chunks"], spec.name
+            assert arr.shards == want.get("shards"), spec.name
+            if spec.dtype != "str":
+                assert arr.dtype == np.dtype(want["dtype"]), spec.name
+            fill = arr.fill_value
+            assert fill == spec.fill or (np.isnan(spec.fill) and np.isnan(fill)), spec.name
+
+    text = (Path(__file__).resolve().parents[1] / "muscle" / "CACHE_FORMAT.md").read_text()
+    rows = re.findall(
+        r"^\| `(stream|teachers/<n>)/(\w+)` \| (\([^|]*\)) \|[^|]*\|[^|]*\| ([^|]+) \|", text, re.M
+    )
+    spec_rows = {(g, n): (shape, fill.strip()) for g, n, shape, fill in rows}
+    rows_sym = {"N": "N", "E": "E", "E+1": "E+1", "chunks": "ceil(N/C)"}
+    fills = {0: "0", IGNORE: "-100", "": '""'}
+    want = {}  # every array of every format this muscle reads
+    every = [("stream", a) for sc in SCHEMAS.values() for a in sc.stream]
+    every += [("teachers/<n>", a) for sc in SCHEMAS.values() for a in (*sc.teacher, sc.done)]
+    for g, a in every:
+        shape = f"({rows_sym[a.rows]}, {a.cols})" if a.cols else f"({rows_sym[a.rows]},)"
+        fill = "NaN" if isinstance(a.fill, float) and np.isnan(a.fill) else fills[a.fill]
+        want[(g, a.name)] = (shape, fill)
+    assert spec_rows == want
+
+
+def test_newer_format_is_one_clear_error(cache, models, tmp_path, capsys):
+    from muscle.cli.cache import main
+    from tiny import run_cli_main
+
+    bad = tmp_path / "newer"
+    shutil.copytree(cache, bad)
+    zj = bad / "zarr.json"
+    j = json.loads(zj.read_text())
+    j["attributes"]["muscle_cache"]["format"] = 99
+    zj.write_text(json.dumps(j))
+    for open_it in (CacheReader, verify_cache, inspect_cache):
+        with pytest.raises(MuscleError, match="cache format 99 is newer than this muscle reads"):
+            open_it(bad)
+    with pytest.raises(MuscleError, match="format 99 is newer.*choose another --out"):
+        build(bad, models["m2"], "v2")
+    code, _, err = run_cli_main(main, ["verify", str(bad)], capsys)
+    assert code == 2 and err.startswith("error: ") and "upgrade muscle" in err
+    j["attributes"]["muscle_cache"]["format"] = 0
+    zj.write_text(json.dumps(j))
+    with pytest.raises(MuscleError, match="cache format 0, this muscle reads format .*: rebuild"):
+        CacheReader(bad)

@@ -9,12 +9,15 @@ ranges (rank 0 alone creates the root and the teacher group; the others wait for
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import re
+import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ import numpy as np
 
 from muscle import MuscleError, __version__, distributed
 from muscle.config import DataConfig, ModelSpec
+from muscle.locking import writer_lock
 from muscle.tail_sampling import teacher_key
 from muscle.teacher_cache.compute import (
     _default_device,
@@ -35,8 +39,9 @@ from muscle.teacher_cache.schema import (
     CacheConfig,
     build_schema,
     ids_dtype_for,
+    schema_for,
 )
-from muscle.teacher_cache.store import open_group, read_meta
+from muscle.teacher_cache.store import muscle_attrs, open_group
 from muscle.teacher_cache.stream import make_stream
 from muscle.teacher_cache.write import (
     _create_teacher,
@@ -158,19 +163,30 @@ def _refuse_tail_mix(path: Path, name: str, meta: dict, new: dict) -> None:
 # ================================================================ build
 
 
+@dataclass
+class _Plan:
+    """What a build does to the cache, decided by the main rank from what is on disk."""
+
+    meta: dict | None  # the cache to add the teacher to; None: write a new token stream
+    discard: bool  # remove what muscle wrote here first (interrupted first build, --overwrite)
+    teacher: str  # "create" | "resume" | "skip" (complete, same model: nothing to do)
+
+
 def _check_name(name: str) -> None:
     if not _NAME_RE.match(name or ""):
         raise MuscleError(f"bad teacher name {name!r}: use letters, digits, '_', '-', '.'")
 
 
 def _check_writable(path: Path) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise MuscleError(f"cannot write the cache at {path}: {e.strerror or e}") from None
+    """Refuse an output that cannot be written, creating nothing: the directory is made only
+    once every check has passed (a refused build leaves nothing behind)."""
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        raise MuscleError(f"cannot write the cache at {path}: {p} is not a directory")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise MuscleError(f"cannot write the cache at {path}: permission denied ({p})")
 
 
 def _effective_dtype(spec: ModelSpec, dtype: str | None) -> str:
@@ -195,7 +211,10 @@ def build_cache(
     """Add teacher ``name`` (the model ``spec``) to the cache at ``path``, building the token
     stream first if the cache is new. Resumes a partial build of the same teacher.
 
-    Under ``torchrun`` (WORLD_SIZE > 1) every rank calls this; each writes its own shards.
+    Several processes may build teachers of one cache at once (the cache's writer lock
+    serialises creating it; a second build of the same teacher is refused, naming the first).
+    Under ``torchrun`` (WORLD_SIZE > 1) every rank calls this; rank 0 alone looks at and
+    creates the cache, the others wait for it, then each writes its own shards.
     """
     from muscle.data import encode_examples, model_max_length
     from muscle.models import (
@@ -213,13 +232,15 @@ def build_cache(
     cfg.validate()
     _check_name(name)
     schema = build_schema(cfg)
-    with distributed.process_group("gloo") as dist:
+    skipped = BuildResult(path, name, 0, 0, 0, 0, 0.0, 0.0, extra={"skipped": True})
+    with distributed.process_group("gloo") as dist, contextlib.ExitStack() as held:
         device = device or _default_device()
         if dist.world_size > 1 and device.startswith("cuda") and ":" not in device:
             device = f"cuda:{dist.local_rank}"
         dtype_name = _effective_dtype(spec, dtype)
         resolved = resolve_dtype(dtype_name, device)
         spec = replace(spec, dtype=str(resolved).replace("torch.", ""))
+        model_info = describe_model(spec) | {"dtype": spec.dtype}
 
         # --- what this teacher would add: checked against the cache before any model load
         task = get_task(data.task)
@@ -256,30 +277,16 @@ def build_cache(
                 "tail_seed": cfg.tail_seed,
                 "proposal_temperature": cfg.proposal_temperature,
             }
-        _check_writable(path)
-        meta = _existing_meta(path, overwrite)
-        if meta is not None and _mismatch(path, name, meta, new):
-            if not overwrite:
-                check_compatible(path, name, meta, new)  # raises, saying what differs
-            log.warning("--overwrite: discarding the whole cache at %s (it does not match)", path)
-            meta = None  # prepare_root deletes it (rank 0, after the barrier below)
-        if meta is not None and data.max_length is None:
-            data = replace(data, max_length=meta["data_config"]["max_length"])
-        tmeta = _existing_teacher(path, name) if meta is not None else None
-        if tmeta is not None and tmeta.get("complete") and not overwrite:
-            # The same command run again is a no-op (pipelines re-run finished stages); a
-            # complete teacher of another model under this name needs --overwrite.
-            if tmeta.get("model", {}) != describe_model(spec) | {"dtype": spec.dtype}:
-                raise MuscleError(
-                    f"teacher {name!r} is already complete in {path}, built from another model "
-                    f"({tmeta.get('model', {}).get('base')}, adapter "
-                    f"{tmeta.get('model', {}).get('adapter')}): pass --overwrite to rebuild it"
-                )
-            return BuildResult(
-                path, name, 0, 0, 0, 0, time.time() - t_start, 0.0, extra={"skipped": True}
-            )
+        # A first look, without locks (it writes nothing): refusals and the no-op come before
+        # the model load; the decision that counts is taken again under the locks below.
+        plan = distributed.on_main(lambda: _decide(path, name, new, model_info, overwrite))
+        if plan.teacher == "skip":
+            # The same command run again is a no-op (pipelines re-run finished stages).
+            return replace(skipped, seconds=time.time() - t_start)
+        if plan.meta is not None and data.max_length is None:
+            data = replace(data, max_length=plan.meta["data_config"]["max_length"])
 
-        # --- the teacher and the token stream
+        # --- the teacher and the token stream (still nothing written)
         model = load_model(spec, device)
         vocab = int(model.get_output_embeddings().weight.shape[0])
         if cfg.k > vocab:
@@ -306,62 +313,53 @@ def build_cache(
         stream = make_stream(encoded)
         new["data_config"] = asdict(data)
         new["stream_fingerprint"] = stream.fingerprint()
-        if meta is not None and meta.get("stream_fingerprint") != new["stream_fingerprint"]:
-            if not overwrite:
-                check_compatible(path, name, meta, new)
-            log.warning("--overwrite: discarding the whole cache at %s (other tokens)", path)
-            meta, tmeta = None, None
         ids_dt = ids_dtype_for(vocab, cfg.ids_dtype)
-        model_info = describe_model(spec) | {"dtype": spec.dtype}
-        if tmeta is not None and not overwrite and not tmeta.get("complete"):
-            if tmeta.get("model", {}) != model_info:
-                raise MuscleError(
-                    f"{path} holds a partial build of teacher {name!r} from another model "
-                    f"({tmeta.get('model', {}).get('base')}, adapter "
-                    f"{tmeta.get('model', {}).get('adapter')}): pass --overwrite to replace it"
-                )
-        distributed.barrier()  # every rank has passed the checks before anything is written
+        tattrs = {
+            "name": name,
+            "format": schema.format,
+            "complete": False,
+            "model": model_info,
+            "vocab_size": vocab,
+            "ids_dtype": str(ids_dt),
+            "value_dtype": cfg.value_dtype,
+            "value_kind": "logprob_t1",
+            "codec": {"blosc": cfg.codec, "clevel": cfg.clevel, "shuffle": cfg.shuffle},
+            "k": cfg.k,
+            "temperatures": [float(t) for t in cfg.temperatures],
+            "tokenizer_fingerprint": new["tokenizer_fingerprint"],
+            "stream_fingerprint": new["stream_fingerprint"],
+            "muscle_version": __version__,
+        }
+        if schema.format >= 2:
+            tattrs |= {
+                "tail_samples": cfg.tail_samples,
+                "tail_seed": cfg.tail_seed,
+                "proposal_temperature": cfg.proposal_temperature,
+                "teacher_key": teacher_key(name),
+            }
+
+        def prepare() -> str:  # rank 0; the other ranks wait for it (on_main)
+            held.enter_context(
+                writer_lock(teacher_lock(path, name), what=f"teacher {name!r} of cache {path}")
+            )
+            with writer_lock(cache_lock(path), what=f"cache {path}", wait=True):
+                plan = _decide(path, name, new, model_info, overwrite)
+                if plan.teacher == "skip":
+                    return "skip"
+                if plan.discard:
+                    _discard(path, name)
+                root = prepare_root(path, stream, new, plan.meta, cfg, schema)
+                tg = root["teachers"][name] if plan.teacher == "resume" else None
+                if tg is not None and _teacher_layout_ok(tg, cfg, stream.n_tokens, ids_dt, schema):
+                    _remove_partials(path / "teachers" / name)
+                    return "resume"
+                _create_teacher(root, name, cfg, stream.n_tokens, ids_dt, tattrs, schema)
+                return "create"
 
         tdir = path / "teachers" / name
         try:
-            if dist.rank == 0:
-                root = prepare_root(path, stream, new, meta, cfg, schema)
-                tattrs = {
-                    "name": name,
-                    "format": schema.format,
-                    "complete": False,
-                    "model": model_info,
-                    "vocab_size": vocab,
-                    "ids_dtype": str(ids_dt),
-                    "value_dtype": cfg.value_dtype,
-                    "value_kind": "logprob_t1",
-                    "codec": {"blosc": cfg.codec, "clevel": cfg.clevel, "shuffle": cfg.shuffle},
-                    "k": cfg.k,
-                    "temperatures": [float(t) for t in cfg.temperatures],
-                    "tokenizer_fingerprint": new["tokenizer_fingerprint"],
-                    "stream_fingerprint": new["stream_fingerprint"],
-                    "muscle_version": __version__,
-                }
-                if schema.format >= 2:
-                    tattrs |= {
-                        "tail_samples": cfg.tail_samples,
-                        "tail_seed": cfg.tail_seed,
-                        "proposal_temperature": cfg.proposal_temperature,
-                        "teacher_key": teacher_key(name),
-                    }
-                resumable = (
-                    tmeta is not None
-                    and not overwrite
-                    and not tmeta.get("complete")
-                    and _teacher_layout_ok(
-                        root["teachers"][name], cfg, stream.n_tokens, ids_dt, schema
-                    )
-                )
-                if resumable:
-                    _remove_partials(tdir)
-                else:
-                    _create_teacher(root, name, cfg, stream.n_tokens, ids_dt, tattrs, schema)
-            distributed.barrier()
+            if distributed.on_main(prepare) == "skip":  # completed by another process meanwhile
+                return replace(skipped, seconds=time.time() - t_start)
             root = open_group(path, "r+")
             tg = root["teachers"][name]
             done = tg[schema.done.name][:]
@@ -370,37 +368,34 @@ def build_cache(
             todo = [u for u in mine if not _unit_done(done, u, cfg)]
             resumed = len(todo) < len(mine)
             n_todo_tokens = sum(_unit_span(u, cfg, stream.n_tokens) for u in todo)
-            model_dev = device
             if todo:
                 first = _plan_batches(
                     np.diff(stream.offsets),
                     _unit_examples(stream.offsets, *_unit_range(todo[0], cfg, stream.n_tokens)),
                     cfg.batch_size,
                 )[0][:2]
-                check_path_on(model, stream, first, model_dev, tok.pad_token_id, resolved)
-            bar = _progress_bar(n_todo_tokens, name, enabled=progress and dist.rank == 0)
+                check_path_on(model, stream, first, device, tok.pad_token_id, resolved)
             t0 = time.time()
-            for u in todo:
-                lo, hi = _unit_range(u, cfg, stream.n_tokens)
-                res = compute_unit(
-                    model,
-                    stream,
-                    lo,
-                    hi,
-                    cfg,
-                    device=model_dev,
-                    ids_dtype=ids_dt,
-                    pad_id=tok.pad_token_id,
-                    progress=bar,
-                    schema=schema,
-                    teacher=name,
-                )
-                _write_unit(tg, tdir, u, res, cfg, schema)
+            with _progress_bar(n_todo_tokens, name, enabled=progress and dist.is_main) as bar:
+                for u in todo:
+                    lo, hi = _unit_range(u, cfg, stream.n_tokens)
+                    res = compute_unit(
+                        model,
+                        stream,
+                        lo,
+                        hi,
+                        cfg,
+                        device=device,
+                        ids_dtype=ids_dt,
+                        pad_id=tok.pad_token_id,
+                        progress=bar,
+                        schema=schema,
+                        teacher=name,
+                    )
+                    _write_unit(tg, tdir, u, res, cfg, schema)
             secs = time.time() - t0
-            if bar is not None:
-                bar.close()
             distributed.barrier()
-            if dist.rank == 0:
+            if dist.is_main:
                 finish_teacher(tg, name, stream, cfg, dist.world_size, device, secs, n_todo_tokens)
         except OSError as e:
             raise MuscleError(
@@ -437,12 +432,16 @@ def _unit_done(done: np.ndarray, u: int, cfg: CacheConfig) -> bool:
     return bool(done[c0 : c0 + cfg.shard_chunks].all())
 
 
-def _progress_bar(total: int, name: str, enabled: bool):
+@contextlib.contextmanager
+def _progress_bar(total: int, name: str, enabled: bool) -> Iterator[Any]:
+    """A tqdm bar on stderr (None when disabled), closed however the body ends: an error
+    message printed after it then starts on its own line, not on the bar's."""
     if not enabled:
-        return None
+        yield None
+        return
     from tqdm.auto import tqdm
 
-    return tqdm(
+    bar = tqdm(
         total=total,
         unit="tok",
         unit_scale=True,
@@ -450,38 +449,77 @@ def _progress_bar(total: int, name: str, enabled: bool):
         file=sys.stderr,
         smoothing=0.1,
     )
+    try:
+        yield bar
+    finally:
+        bar.close()
 
 
-def _existing_meta(path: Path, overwrite: bool) -> dict | None:
+# ================================================================ what is on disk
+
+
+def _decide(path: Path, name: str, new: dict, model_info: dict, overwrite: bool) -> _Plan:
+    """What building teacher ``name`` does to the cache at ``path`` as it is now; raises the
+    refusals (another cache, another model under this name, not a muscle cache)."""
+    _check_writable(path)
+    meta, discard = _existing_meta(path, overwrite)
+    if meta is not None and _mismatch(path, name, meta, new):
+        if not overwrite:
+            check_compatible(path, name, meta, new)  # raises, saying what differs
+        log.warning("--overwrite: discarding the whole cache at %s (it does not match)", path)
+        return _Plan(None, True, "create")
+    tmeta = _existing_teacher(path, name) if meta is not None else None
+    if tmeta is None or overwrite:
+        return _Plan(meta, discard, "create")
+    theirs = tmeta.get("model", {})
+    if theirs != model_info:
+        which = f"({theirs.get('base')}, adapter {theirs.get('adapter')})"
+        if tmeta.get("complete"):
+            raise MuscleError(
+                f"teacher {name!r} is already complete in {path}, built from another model "
+                f"{which}: pass --overwrite to rebuild it"
+            )
+        raise MuscleError(
+            f"{path} holds a partial build of teacher {name!r} from another model {which}: "
+            "pass --overwrite to replace it"
+        )
+    return _Plan(meta, discard, "skip" if tmeta.get("complete") else "resume")
+
+
+def _existing_meta(path: Path, overwrite: bool) -> tuple[dict | None, bool]:
+    """(the complete cache at ``path`` to add to, or None; whether what muscle wrote there must
+    be discarded first). Only what muscle wrote is ever discarded: a directory that holds
+    anything else is refused, with or without --overwrite."""
     if not path.exists():
-        return None
+        return None, False
     if not path.is_dir():
         raise MuscleError(f"cannot write the cache at {path}: not a directory")
-    if not any(path.iterdir()):
-        return None
+    # zarr writes every file as <name>.<uuid>.partial, then renames it into place
+    if not any(not p.name.endswith(".partial") for p in path.iterdir()):
+        return None, False
+    raw = muscle_attrs(path)
+    if raw is None:
+        raise MuscleError(
+            f"{path} exists and is not a muscle teacher cache (no muscle_cache attributes in "
+            f"its zarr.json): refusing to write into it{' or delete it' if overwrite else ''}; "
+            "choose another --out"
+        )
     try:
-        meta = read_meta(path)
+        schema_for(raw.get("format"), path)
     except MuscleError as e:
-        if overwrite and not (path / "zarr.json").is_file():
-            raise MuscleError(
-                f"{path} exists and is not a muscle cache: refusing to delete it even with "
-                "--overwrite; choose another --out"
-            ) from None
-        if overwrite:
-            return {"_foreign": True}
+        if overwrite:  # a muscle cache of a format this muscle does not read: muscle's to remove
+            return None, True
         raise MuscleError(f"{e}; choose another --out (or --overwrite)") from None
-    if not meta.get("stream_complete"):
-        return None  # an interrupted first build: the stream is rewritten, teachers too
-    return meta
+    if not raw.get("stream_complete"):
+        # An interrupted first build (the stream is written under the cache lock, so under it
+        # an incomplete stream has no live writer): discarded and rewritten, teachers too.
+        return None, True
+    return raw, False
 
 
 def _mismatch(path: Path, name: str, meta: dict, new: dict) -> bool:
-    if meta.get("_foreign"):
-        return True
     try:
-        check_compatible(
-            path, name, meta, {k: v for k, v in new.items() if k != "stream_fingerprint"}
-        )
+        check_compatible(path, name, meta, new)
         return False
     except MuscleError:
         return True
@@ -492,3 +530,45 @@ def _existing_teacher(path: Path, name: str) -> dict | None:
     if not (tdir / "zarr.json").is_file():
         return None
     return dict(open_group(tdir).attrs).get("muscle_teacher") or {"complete": False}
+
+
+def _discard(path: Path, own: str) -> None:
+    """Remove what muscle wrote in the cache directory (``zarr.json``, ``stream/``,
+    ``teachers/``), nothing else. Every other teacher's lock is taken first: a teacher being
+    built by another process is never deleted under it (that refuses, naming the holder).
+    The root is marked incomplete before anything goes, so a kill midway leaves a cache that
+    the next build discards again, never a complete-looking one with arrays missing."""
+    import zarr
+
+    with contextlib.ExitStack() as others:
+        teachers = path / "teachers"
+        for t in sorted(p.name for p in teachers.iterdir()) if teachers.is_dir() else ():
+            if t != own:
+                others.enter_context(
+                    writer_lock(teacher_lock(path, t), what=f"teacher {t!r} of cache {path}")
+                )
+        raw = muscle_attrs(path)
+        if raw is not None and raw.get("stream_complete"):
+            zarr.open_group(str(path), mode="r+").attrs["muscle_cache"] = raw | {
+                "stream_complete": False
+            }
+        for sub in ("teachers", "stream"):
+            if (path / sub).is_dir():
+                shutil.rmtree(path / sub)
+        (path / "zarr.json").unlink(missing_ok=True)
+
+
+def cache_lock(path: Path) -> Path:
+    """The writer lock of a cache's root and stream; beside the cache, not in it (a Zarr
+    group lists every file in its directory as a member): ``<parent>/.<name>.muscle-locks/``."""
+    return _lock_dir(path) / "cache.lock"
+
+
+def teacher_lock(path: Path, name: str) -> Path:
+    """The writer lock of one teacher of a cache (held for its whole build)."""
+    return _lock_dir(path) / f"teacher.{name}.lock"
+
+
+def _lock_dir(path: Path) -> Path:
+    p = Path(os.path.abspath(path))  # one lock for every spelling of the path
+    return p.parent / f".{p.name}.muscle-locks"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -51,21 +50,21 @@ def prepare_root(
     cfg: CacheConfig,
     schema: Schema = FORMAT_1,
 ):
-    """Open the cache for writing; (re)write the token stream unless it is already complete."""
+    """Open the cache for writing; write the root and the token stream unless ``meta`` (the
+    cache's complete attributes) says they are there. A new root is created with its muscle
+    attributes in one write (whoever looks sees a muscle cache, with an incomplete stream),
+    into a directory that holds nothing muscle wrote (the caller discarded it)."""
     import zarr
 
     if meta is not None:
         return zarr.open_group(str(path), mode="r+")
-    if path.exists() and any(path.iterdir()):
-        shutil.rmtree(path)  # an interrupted first build: nothing in it was committed
-    root = zarr.open_group(str(path), mode="w")
     attrs = dict(new) | {
         "stream_complete": False,
         "n_tokens": stream.n_tokens,
         "n_examples": stream.n_examples,
         "muscle_version": __version__,
     }
-    root.attrs["muscle_cache"] = attrs
+    root = zarr.create_group(str(path), attributes={"muscle_cache": attrs})
     with zarr.config.set({"array.write_empty_chunks": True}):
         write_stream(root, stream, cfg, schema)
     for spec in schema.stream:
@@ -90,8 +89,10 @@ def _create_teacher(
     schema: Schema = FORMAT_1,
 ):
     """A new (empty) teacher group with every array of the schema; ``complete`` is False."""
-    tg = root.require_group("teachers").create_group(name, overwrite=True)
-    tg.attrs["muscle_teacher"] = attrs  # complete: False until every unit is done
+    # With its attributes in one write: no reader ever sees a teacher group without them.
+    tg = root.require_group("teachers").create_group(
+        name, overwrite=True, attributes={"muscle_teacher": attrs}
+    )  # complete: False until every unit is done
     dims = Dims(cfg, n_tokens, ids_dtype=ids_dtype)
     for spec in (*schema.teacher, schema.done):
         tg.create_array(spec.name, **dims.create_kwargs(spec))
