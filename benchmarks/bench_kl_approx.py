@@ -74,21 +74,26 @@ def machine() -> str:
 # the KL math (float64), per token
 
 
-def full_kl(lp: torch.Tensor, lq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def full_kl(
+    lp: torch.Tensor, lq: torch.Tensor, temperature: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """KL(p || q) per row and its gradient w.r.t. the student logits z, where lp, lq (n, V) are
-    log-softmax of teacher / student logits at T. -> (n,), (n, V): (q - p) / T."""
+    log-softmax of teacher / student logits at T (``temperature``, default this script's T).
+    -> (n,), (n, V): (q - p) / T."""
+    t = T if temperature is None else temperature
     p = lp.exp()
     kl = (p * (lp - lq)).sum(1)
-    return kl, (lq.exp() - p) / T
+    return kl, (lq.exp() - p) / t
 
 
 def topk_kl(
-    lq: torch.Tensor, ids: torch.Tensor, lp_s: torch.Tensor
+    lq: torch.Tensor, ids: torch.Tensor, lp_s: torch.Tensor, temperature: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """KL_S(p || q) per row (K+1 bins: the teacher's top-K ids + tail) and its gradient w.r.t.
     the student logits z, with the conventions of muscle.losses (0 log 0 = 0, tail dropped when
-    S covers V). lq (n, V) student log-softmax at T; ids (n, K); lp_s (n, K) teacher log-probs
-    at T over the full vocabulary. -> (n,), (n, V)."""
+    S covers V). lq (n, V) student log-softmax at T (``temperature``, default this script's T);
+    ids (n, K); lp_s (n, K) teacher log-probs at T over the full vocabulary. -> (n,), (n, V)."""
+    t = T if temperature is None else temperature
     lq_s = lq.gather(1, ids)  # (n, K)
     p_s = lp_s.exp()
     p_tail = (1.0 - p_s.sum(1)).clamp(0.0, 1.0)  # (n,)
@@ -105,8 +110,8 @@ def topk_kl(
     big_p = p_s.sum(1) + pt  # (n,)
     q = lq.exp()
     shift = torch.where(use_tail, lp_tail - lq_tail, -math.inf)  # (n,) log(p_tail / q_tail)
-    grad = (big_p[:, None] * q - (lq + shift[:, None]).exp()) / T  # (n, V), off-S form
-    grad.scatter_(1, ids, (big_p[:, None] * q.gather(1, ids) - p_s) / T)
+    grad = (big_p[:, None] * q - (lq + shift[:, None]).exp()) / t  # (n, V), off-S form
+    grad.scatter_(1, ids, (big_p[:, None] * q.gather(1, ids) - p_s) / t)
     return head + tail, grad
 
 
