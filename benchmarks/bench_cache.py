@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/bench_cache.py --model tiny [--quick]
     .venv/bin/python benchmarks/bench_cache.py --model smollm2 --gguf /tmp/smol/x.gguf [--quick]
+    .venv/bin/python benchmarks/bench_cache.py --model smollm2 --base runs/repro2/base-v2 \
+        --quick --only build --tail-samples 32
 
 Appends CSV rows to benchmarks/results/cache_cpu.csv (or --csv) and prints them:
 
@@ -11,6 +13,10 @@ Appends CSV rows to benchmarks/results/cache_cpu.csv (or --csv) and prints them:
                 batches, and the overhead %;
 * ``build_split`` the build's time by phase (forward, teacher_topk, inputs+convert, write),
                 each as a share of its forward time;
+* ``build_tail`` with ``--tail-samples M``: the same loop writing format 2 (M sampled tail
+                tokens + negent per position), timed in the same alternating rounds as the
+                bare forward and the format 1 loop; ``build_tail_split`` adds the phase
+                ``sample_tail`` (teacher_topk then includes the negentropy pass);
 * ``read``      CacheReader tokens/s (2 teachers, T=2, batch 8, shuffled) vs the tokens/s a
                 training step (LoRA fwd+bwd on the same batches) consumes;
 * ``kl_error``  relative error of the (K+1)-bin KL vs the full-vocabulary KL at T=2, per token
@@ -38,7 +44,9 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from bench_common import cpu_name  # noqa: E402
 
-# compute_unit looks forward_logits up in its own module: the timing split patches it there.
+# The timing split patches what compute_unit calls where it looks it up: forward_logits in
+# its own module, teacher_topk and sample_tail in theirs (imported inside the functions).
+import muscle.tail_sampling as tail_mod  # noqa: E402
 import muscle.teacher_cache.compute as teacher_cache_mod  # noqa: E402
 import muscle.topk as topk_mod  # noqa: E402
 from muscle.config import DataConfig, ModelSpec  # noqa: E402
@@ -56,6 +64,7 @@ from muscle.teacher_cache import (  # noqa: E402
     ids_dtype_for,
     read_stream,
 )
+from muscle.teacher_cache.schema import build_schema  # noqa: E402
 
 CODECS = {
     "zstd5+shuffle": ("zstd", 5, "shuffle"),
@@ -69,6 +78,8 @@ def machine() -> str:
 
 
 def model_dir(args, tmp: Path) -> Path:
+    if args.base:  # a plain checkpoint directory, used as it is
+        return Path(args.base)
     if args.model == "tiny":
         from tiny import make_model_dir
 
@@ -80,10 +91,12 @@ def model_dir(args, tmp: Path) -> Path:
     return out
 
 
-def bench_build(mdir, data, cache, dtype, rows, ctx, rounds):
+def bench_build(mdir, data, cache, dtype, rows, ctx, rounds, tail_samples=0):
     """Build v1 (K=64, default codec); then time, alternating to cancel load drift, a bare
     forward pass and the build's own unit loop (forward + top-K + write) on the same batches,
-    and that loop once more with its phases timed."""
+    and that loop once more with its phases timed. With ``tail_samples`` M > 0 each round also
+    runs the loop writing format 2 (the sampled tail: sampler + negentropy), timed the same
+    two ways."""
     import zarr
 
     from muscle.models import load_model
@@ -98,7 +111,15 @@ def bench_build(mdir, data, cache, dtype, rows, ctx, rounds):
     off, lengths = stream.offsets, np.diff(stream.offsets)
     n_units = int(np.ceil(stream.n_tokens / cfg.shard_tokens))
     vocab = int(model.get_output_embeddings().weight.shape[0])
-    scratch = _create_teacher(root, "scratch", cfg, stream.n_tokens, ids_dtype_for(vocab), {})
+    ids_dt = ids_dtype_for(vocab)
+    layouts = {"build": (cfg, build_schema(cfg))}
+    if tail_samples:
+        cfg2 = CacheConfig(batch_size=8, tail_samples=tail_samples)
+        layouts["build_tail"] = (cfg2, build_schema(cfg2))
+    scratch = {
+        key: _create_teacher(root, f"scratch-{key}", c, stream.n_tokens, ids_dt, {}, schema)
+        for key, (c, schema) in layouts.items()
+    }
 
     def bare() -> float:
         t0 = time.perf_counter()
@@ -116,75 +137,93 @@ def bench_build(mdir, data, cache, dtype, rows, ctx, rounds):
                     forward_logits(model, x, m)
         return time.perf_counter() - t0
 
-    def build(acc: dict[str, float] | None = None) -> float:
+    def build(key: str, acc: dict[str, float] | None = None) -> float:
         acc = {} if acc is None else acc
+        c, schema = layouts[key]
+        name = f"scratch-{key}"
         t0 = time.perf_counter()
         for u in range(n_units):
-            lo, hi = u * cfg.shard_tokens, min((u + 1) * cfg.shard_tokens, stream.n_tokens)
+            lo, hi = u * c.shard_tokens, min((u + 1) * c.shard_tokens, stream.n_tokens)
             t1 = time.perf_counter()
             r = compute_unit(
-                model, stream, lo, hi, cfg, device="cpu", ids_dtype=ids_dtype_for(vocab), pad_id=0
-            )
+                model, stream, lo, hi, c, device="cpu", ids_dtype=ids_dt, pad_id=0,
+                schema=schema, teacher=name,
+            )  # fmt: skip
             t2 = time.perf_counter()
-            _write_unit(scratch, cache / "teachers" / "scratch", u, r, cfg)
+            _write_unit(scratch[key], cache / "teachers" / name, u, r, c, schema)
             acc["compute_unit"] = acc.get("compute_unit", 0.0) + t2 - t1
             acc["write"] = acc.get("write", 0.0) + time.perf_counter() - t2
         return time.perf_counter() - t0
 
-    def split() -> dict[str, float]:
-        """The build loop again, with forward_logits and teacher_topk timed where it calls them."""
-        acc: dict[str, float] = {}
+    def split(key: str) -> dict[str, float]:
+        """The build loop again, with forward_logits, teacher_topk and sample_tail timed where
+        it calls them."""
+        acc: dict[str, float] = {"sample_tail": 0.0}
         fwd = _timed(teacher_cache_mod.forward_logits, acc, "forward")
         top = _timed(topk_mod.teacher_topk, acc, "teacher_topk")
+        smp = _timed(tail_mod.sample_tail, acc, "sample_tail")
         with (
             mock.patch.object(teacher_cache_mod, "forward_logits", fwd),
             mock.patch.object(topk_mod, "teacher_topk", top),
+            mock.patch.object(tail_mod, "sample_tail", smp),
         ):
-            build(acc)
-        # compute_unit minus the two timed calls: input tensors, value conversion, scatter
-        acc["inputs+convert"] = acc.pop("compute_unit") - acc["forward"] - acc["teacher_topk"]
+            build(key, acc)
+        # compute_unit minus the timed calls: input tensors, value conversion, scatter
+        acc["inputs+convert"] = (
+            acc.pop("compute_unit") - acc["forward"] - acc["teacher_topk"] - acc["sample_tail"]
+        )
         return acc
 
-    t_bare, t_build, t_split = [], [], []
+    t_bare: list[float] = []
+    t_build: dict[str, list[float]] = {key: [] for key in layouts}
+    t_split: dict[str, list[dict]] = {key: [] for key in layouts}
     for _ in range(rounds):
         t_bare.append(bare())
-        t_build.append(build())
-        t_split.append(split())
-    shutil.rmtree(cache / "teachers" / "scratch")
+        for key in layouts:
+            t_build[key].append(build(key))
+            t_split[key].append(split(key))
+    for key in layouts:
+        shutil.rmtree(cache / "teachers" / f"scratch-{key}")
     n = stream.n_tokens
-    rows.append(
-        ctx
-        | {
-            "bench": "build",
-            "k": 64,
-            "codec": "zstd5+shuffle",
-            "tokens": n,
-            "value": round(n / min(t_build), 1),
-            "unit": "tokens/s",
-            "baseline": round(n / min(t_bare), 1),
-            "ratio": round(min(t_build) / min(t_bare) - 1, 4),
-            "note": f"ratio = overhead vs bare forward (min of {rounds} alternating "
-            f"rounds; of the medians {np.median(t_build) / np.median(t_bare) - 1:+.1%}); "
-            f"full build incl. load {wall:.1f}s ({res.tokens_per_s:.0f} tok/s)",
-        }
-    )
-    best = {k: min(t[k] for t in t_split) for k in t_split[0]}
-    for phase in ("forward", "teacher_topk", "inputs+convert", "write"):
+    for key, (c, _) in layouts.items():
+        tail = f"; format 2, M = {c.tail_samples} tail samples" if c.tail_samples else ""
+        if c.tail_samples:
+            tail += f"; vs format 1: {min(t_build[key]) / min(t_build['build']) - 1:+.1%}"
         rows.append(
             ctx
             | {
-                "bench": "build_split",
+                "bench": key,
                 "k": 64,
                 "codec": "zstd5+shuffle",
                 "tokens": n,
-                "value": round(best[phase], 4),
-                "unit": "s",
-                "baseline": round(best["forward"], 4),
-                "ratio": round(best[phase] / best["forward"], 4),
-                "note": f"phase {phase}; min over {rounds} rounds, each phase on its own"
-                "; baseline = forward s; ratio = share of the forward time",
+                "value": round(n / min(t_build[key]), 1),
+                "unit": "tokens/s",
+                "baseline": round(n / min(t_bare), 1),
+                "ratio": round(min(t_build[key]) / min(t_bare) - 1, 4),
+                "note": f"ratio = overhead vs bare forward (min of {rounds} alternating "
+                f"rounds; of the medians {np.median(t_build[key]) / np.median(t_bare) - 1:+.1%}); "
+                f"full build (format 1) incl. load {wall:.1f}s ({res.tokens_per_s:.0f} tok/s)"
+                f"{tail}",
             }
         )
+        best = {k: min(t[k] for t in t_split[key]) for k in t_split[key][0]}
+        phases = ("forward", "teacher_topk", "sample_tail", "inputs+convert", "write")
+        for phase in phases if c.tail_samples else phases[:2] + phases[3:]:
+            rows.append(
+                ctx
+                | {
+                    "bench": f"{key}_split",
+                    "k": 64,
+                    "codec": "zstd5+shuffle",
+                    "tokens": n,
+                    "value": round(best[phase], 4),
+                    "unit": "s",
+                    "baseline": round(best["forward"], 4),
+                    "ratio": round(best[phase] / best["forward"], 4),
+                    "note": f"phase {phase}; min over {rounds} rounds, each phase on its own"
+                    f"; baseline = forward s; ratio = share of the forward time{tail}",
+                }
+            )
     return model, stream
 
 
@@ -379,9 +418,17 @@ def main() -> None:
     )
     ap.add_argument("--csv", default=str(REPO / "benchmarks" / "results" / "cache_cpu.csv"))
     ap.add_argument("--label", default="", help="appended to every row's note (which code ran)")
+    ap.add_argument("--base", help="a plain checkpoint directory (instead of --gguf / tiny)")
+    ap.add_argument(
+        "--tail-samples", type=int, default=0, help="also time a format 2 build with M samples"
+    )
+    ap.add_argument("--only", default="build,size,kl,read", help="benches to run (comma list)")
     args = ap.parse_args()
-    if args.model == "smollm2" and not args.gguf:
-        ap.error("--model smollm2 needs --gguf PATH")
+    if args.model == "smollm2" and not (args.gguf or args.base):
+        ap.error("--model smollm2 needs --gguf PATH or --base DIR")
+    only = set(args.only.split(","))
+    if not only <= {"build", "size", "kl", "read"} or "build" not in only:
+        ap.error("--only: a comma list of build,size,kl,read that includes build")
     n_ex = (
         args.examples
         or {
@@ -404,10 +451,15 @@ def main() -> None:
         rows: list[dict] = []
         # the tiny model's rounds take about a second: more of them steady the minimum
         rounds = {"tiny": 5, "smollm2": 3}[args.model] - (1 if args.quick else 0)
-        model, stream = bench_build(mdir, data, tmp / "cache", args.dtype, rows, ctx, rounds)
-        bench_size(model, stream, rows, ctx, 4096 if args.quick else 16384)
-        bench_kl(model, stream, rows, ctx, 1024 if args.quick else 4096, args.noise)
-        bench_read(tmp / "cache", mdir, args.dtype, rows, ctx, 20 if args.quick else 60)
+        model, stream = bench_build(
+            mdir, data, tmp / "cache", args.dtype, rows, ctx, rounds, args.tail_samples
+        )
+        if "size" in only:
+            bench_size(model, stream, rows, ctx, 4096 if args.quick else 16384)
+        if "kl" in only:
+            bench_kl(model, stream, rows, ctx, 1024 if args.quick else 4096, args.noise)
+        if "read" in only:
+            bench_read(tmp / "cache", mdir, args.dtype, rows, ctx, 20 if args.quick else 60)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for r in rows:
