@@ -26,13 +26,14 @@ One module per concern:
     stream.py   the token stream: made from encoded examples, written, read
     compute.py  a teacher's forward pass over one unit and the values it stores
     write.py    committing to disk: root + stream, teacher group, one unit, completion
-    build.py    build_cache: checks, refusals, ranks, resume
+    decide.py   what a build does to the cache on disk: refusals, create/resume/skip, discard, locks
+    build.py    build_cache: the teacher's build end to end, ranks, resume
     read.py     CacheReader, the trainer's batches
     verify.py   verify_cache
     inspect.py  inspect_cache / render_inspect
 """
 
-from muscle.teacher_cache.build import BuildResult, build_cache, check_compatible, rank_units
+from muscle.teacher_cache.build import BuildResult, build_cache, rank_units
 from muscle.teacher_cache.compute import (
     UnitResult,
     _plan_batches,
@@ -40,6 +41,7 @@ from muscle.teacher_cache.compute import (
     compute_unit,
     forward_logits,
 )
+from muscle.teacher_cache.decide import check_compatible
 from muscle.teacher_cache.inspect import inspect_cache, render_inspect, top_k_mass
 from muscle.teacher_cache.read import CacheReader, stored_logprobs_at
 from muscle.teacher_cache.schema import (
