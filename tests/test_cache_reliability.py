@@ -229,30 +229,48 @@ def _rank(rank: int, port: int, out: str, base: str, q) -> None:
         q.put((rank, f"{type(e).__name__}: {e}"))
 
 
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_two_rank_build_no_rank_sees_a_half_made_cache(setup, tmp_path):
-    out = tmp_path / "two"
+def _two_ranks(out: Path, base: Path, stop_at_first_error: bool = True) -> list:
+    """Run a 2-rank build of v1 into ``out``: [(rank, "ok" or its error)], in rank order."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    procs = [
-        ctx.Process(target=_rank, args=(r, port, str(out), str(setup["m1"]), q)) for r in (0, 1)
-    ]
+    procs = [ctx.Process(target=_rank, args=(r, port, str(out), str(base), q)) for r in (0, 1)]
     for p in procs:
         p.start()
-    got = []
+    got: list = []
     try:
-        while len(got) < 2 and all(r[1] == "ok" for r in got):  # a failed rank: stop waiting
-            got.append(q.get(timeout=300))
+        while len(got) < 2 and not (stop_at_first_error and any(r[1] != "ok" for r in got)):
+            got.append(q.get(timeout=300))  # (a rank that refused: do not wait for the other)
     finally:
         for p in procs:
-            p.join(30 if all(r[1] == "ok" for r in got) else 0)
+            p.join(30 if len(got) == 2 else 0)
             if p.is_alive():
                 p.kill()
-    assert sorted(got) == [(0, "ok"), (1, "ok")], got
+    return sorted(got)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_rank_build_no_rank_sees_a_half_made_cache(setup, tmp_path):
+    out = tmp_path / "two"
+    got = _two_ranks(out, setup["m1"])
+    assert got == [(0, "ok"), (1, "ok")], got
     one = tmp_path / "one"
     assert main(build_args(setup, one)) == 0
     assert_same_cache(out, one)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_rank_refusal_reaches_every_rank(setup, tmp_path):
+    # Rank 0 alone looks at the output; its refusal must reach rank 1 (which would otherwise
+    # wait for rank 0 forever), as the same one line.
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "a.jpg").write_bytes(b"\xff\xd8")
+    got = _two_ranks(out, setup["m1"], stop_at_first_error=False)
+    assert [r for r, _ in got] == [0, 1], got
+    assert all("not a muscle teacher cache" in msg for _, msg in got), got
+    assert [p.name for p in out.iterdir()] == ["a.jpg"]
