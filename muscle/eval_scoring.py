@@ -90,7 +90,7 @@ def _cache_kwargs(model, cache) -> dict:
 def logits_at(
     model,
     input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     keep: torch.Tensor,
     *,
     position_ids: torch.Tensor | None = None,
@@ -98,7 +98,8 @@ def logits_at(
 ) -> torch.Tensor:
     """Logits at the True positions of ``keep`` (B, T) bool, flattened row-major: (n, V).
 
-    ``attention_mask`` covers the cache's columns and then the new ones, (B, cached + T).
+    ``attention_mask`` covers the cache's columns and then the new ones, (B, cached + T);
+    None for unpadded or right-padded rows without a cache.
     The LM head runs on the kept rows only where the model supports it; otherwise the full
     (B, T, V) logits are computed and the rows selected.
     """
@@ -210,12 +211,11 @@ def _scored_mask(rows: Sequence[_Row], width: int) -> torch.Tensor:
 @torch.inference_mode()
 def _score_plain(model, rows: Sequence[_Row], pad_id: int) -> list[float]:
     """One right-padded forward pass over whole requests (no prefix)."""
-    ids, mask = _right_pad([r.tokens for r in rows], pad_id)  # (B, T)
+    ids, _ = _right_pad([r.tokens for r in rows], pad_id)  # (B, T)
     device = device_of(model)
-    # Right padding leaves the real tokens at positions 0..n-1: no position ids needed.
-    logits = logits_at(
-        model, ids.to(device), mask.to(device), _scored_mask(rows, ids.shape[1]).to(device)
-    )
+    # Right padding leaves the real tokens at positions 0..n-1, and causal attention never
+    # looks right: no attention mask or position ids are needed (lm-eval passes none either).
+    logits = logits_at(model, ids.to(device), None, _scored_mask(rows, ids.shape[1]).to(device))
     return _sum_logprobs(logits, rows)
 
 
@@ -289,10 +289,11 @@ def score_documents(
 ) -> list[list[float]]:
     """The summed log-likelihood of every request of every document, ``[doc][choice]``.
 
-    ``batch_size`` is the number of requests (sequences) per forward pass, as lm-eval counts
-    it. With ``share_prefix`` (None: decided from the token counts, see the module docstring)
-    a batch holds whole documents whose choices fit in ``batch_size`` rows (at least one
-    document); without, requests of different documents mix freely.
+    ``batch_size`` is the number of sequences per forward pass, as lm-eval counts them:
+    requests, or with ``share_prefix`` (None: decided from the token counts, see the module
+    docstring) the prefixes of ``batch_size`` documents, whose choices then go through the
+    second pass together (``batch_size`` x choices short rows: about as many tokens as
+    ``batch_size`` whole requests).
     """
     inputs, prefixes, saving = plan_sharing(docs, max_length)
     if share_prefix is None:
@@ -306,7 +307,8 @@ def score_documents(
         ]
 
     shared = [d for d in range(len(docs)) if share_prefix and prefixes[d] > 0]
-    plain = [row for d in range(len(docs)) if d not in set(shared) for row in rows_of(d, 0)]
+    shared_set = set(shared)
+    plain = [row for d in range(len(docs)) if d not in shared_set for row in rows_of(d, 0)]
 
     # Plain requests: longest first (lm-eval's order), ties in document order.
     plain.sort(key=lambda r: (-len(r.tokens), r.doc, r.choice))
@@ -315,17 +317,10 @@ def score_documents(
         for r, s in zip(batch, _score_plain(model, batch, pad_id), strict=True):
             out[r.doc][r.choice] = s
 
-    # Shared documents: longest (prefix + longest choice) first, whole documents per batch.
+    # Shared documents: longest (prefix + longest choice) first.
     shared.sort(key=lambda d: (-max(len(x) for x in inputs[d]), d))
-    start = 0
-    while start < len(shared):
-        group, n_rows = [], 0
-        while start < len(shared) and (
-            not group or n_rows + len(inputs[shared[start]]) <= batch_size
-        ):
-            group.append(shared[start])
-            n_rows += len(inputs[shared[start]])
-            start += 1
+    for start in range(0, len(shared), batch_size):
+        group = shared[start : start + batch_size]
         rows = [
             _Row(j, r.choice, r.tokens, r.targets, r.offset)
             for j, d in enumerate(group)
