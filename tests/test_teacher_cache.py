@@ -232,6 +232,50 @@ def test_refuses_other_tokenizer_and_needs_overwrite(cache, models, tmp_path):
         build(cache, models["m2"], "v1")
 
 
+def test_stream_is_the_trainers_tokens(models, tmp_path):
+    """The cache's stream for a DataConfig is, example by example, what the trainers encode for
+    it (muscle.data: load_splits + encode_splits, max_length from the model when unset): token
+    ids, next-token labels, ids and splits, in split order. Settings that change the tokens
+    (answer_only, a max_length that truncates) are on, so a second encoding would show."""
+    from muscle.data import encode_splits, load_splits, model_max_length
+    from muscle.models import load_tokenizer
+    from muscle.teacher_cache.schema import SPLIT_CODES
+    from muscle.teacher_cache.store import read_meta
+
+    spec = ModelSpec(str(models["m1"]))
+    tok = load_tokenizer(spec)
+    for data in (
+        DataConfig(
+            task="piqa", data_dir=str(EMBEDDED_DATA), max_examples=24, max_length=40,
+            answer_only=True,
+        ),
+        DataConfig(task="piqa", data_dir=str(EMBEDDED_DATA), max_examples=12),
+    ):  # fmt: skip
+        out = tmp_path / f"c{data.max_length}"
+        build(out, models["m1"], data=data)
+        stream = CacheReader(out).stream
+        max_length = data.max_length or model_max_length(load_model_config(models["m1"]))
+        assert read_meta(out)["data_config"]["max_length"] == max_length
+        enc = encode_splits(tok, data, load_splits(data), max_length=max_length)
+        want = [(s, e) for s in ("train", "validation") for e in enc[s]]
+        assert stream.n_examples == len(want)
+        for i, (split, e) in enumerate(want):
+            lo, hi = stream.offsets[i], stream.offsets[i + 1]
+            assert stream.input_ids[lo:hi].tolist() == e.input_ids, i
+            assert stream.labels[lo:hi].tolist() == e.labels, i
+            assert json.loads(stream.example_ids[i]) == e.id
+            assert SPLIT_CODES[int(stream.split[i])] == split
+        if data.answer_only:  # the settings took effect: truncated contexts, context not learnt
+            assert any(e.truncated for _, e in want)
+            assert all(lab == IGNORE for _, e in want for lab in e.labels[: e.n_context - 1])
+
+
+def load_model_config(model_dir: Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(model_dir))
+
+
 def test_k_larger_than_vocabulary(models, tmp_path):
     with pytest.raises(MuscleError, match="larger than the vocabulary"):
         build(tmp_path / "c", models["m1"], cfg=CacheConfig(k=100_000))

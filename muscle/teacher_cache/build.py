@@ -26,7 +26,6 @@ from muscle.config import DataConfig, ModelSpec
 from muscle.locking import writer_lock
 from muscle.tail_sampling import teacher_key
 from muscle.teacher_cache.compute import (
-    _default_device,
     _plan_batches,
     _unit_examples,
     check_path_on,
@@ -108,15 +107,16 @@ def build_cache(
     Under ``torchrun`` (WORLD_SIZE > 1) every rank calls this; rank 0 alone looks at and
     creates the cache, the others wait for it, then each writes its own shards.
     """
-    from muscle.data import encode_examples, model_max_length
+    from muscle.data import encode_splits, load_splits, model_max_length
     from muscle.models import (
         describe_model,
         load_model,
         load_tokenizer,
+        resolve_device,
         resolve_dtype,
         tokenizer_fingerprint,
     )
-    from muscle.tasks import dataset_fingerprint, get_task, load_examples
+    from muscle.tasks import dataset_fingerprint, get_task
 
     t_start = time.time()
     path = Path(path)
@@ -126,9 +126,7 @@ def build_cache(
     schema = build_schema(cfg)
     skipped = BuildResult(path, name, 0, 0, 0, 0, 0.0, 0.0, extra={"skipped": True})
     with distributed.process_group("gloo") as dist, contextlib.ExitStack() as held:
-        device = device or _default_device()
-        if dist.world_size > 1 and device.startswith("cuda") and ":" not in device:
-            device = f"cuda:{dist.local_rank}"
+        device = str(resolve_device(device))  # under torchrun: this rank's GPU
         dtype_name = _effective_dtype(spec, dtype)
         resolved = resolve_dtype(dtype_name, device)
         spec = replace(spec, dtype=str(resolved).replace("torch.", ""))
@@ -137,18 +135,8 @@ def build_cache(
         # --- what this teacher would add: checked against the cache before any model load
         task = get_task(data.task)
         tok = load_tokenizer(spec)
-        examples = {
-            s: load_examples(
-                task,
-                s,
-                source=data.source,
-                data_dir=data.data_dir,
-                val_fraction=data.val_fraction,
-                split_seed=data.split_seed,
-                max_examples=data.max_examples,
-            )
-            for s in cfg.splits
-        }
+        # The trainers' data path (muscle.data): the cache's stream is their tokens exactly.
+        examples = load_splits(data, cfg.splits)
         new = {
             "format": schema.format,
             "task": task.name,
@@ -191,18 +179,7 @@ def build_cache(
             )
         if data.max_length is None:
             data = replace(data, max_length=model_max_length(model))
-        encoded = {
-            s: encode_examples(
-                tok,
-                task,
-                ex,
-                answer_only=data.answer_only,
-                max_length=data.max_length,
-                truncation=data.truncation,
-            )
-            for s, ex in examples.items()
-        }
-        stream = make_stream(encoded)
+        stream = make_stream(encode_splits(tok, data, examples, max_length=data.max_length))
         new["data_config"] = asdict(data)
         new["stream_fingerprint"] = stream.fingerprint()
         ids_dt = ids_dtype_for(vocab, cfg.ids_dtype)

@@ -5,40 +5,32 @@ examples, in a fixed length-sorted batch order, and the top-K values of each pos
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import torch
 
 from muscle import MuscleError
+from muscle.forward import logits_at
 from muscle.teacher_cache.schema import FORMAT_1, SPLIT_CODES, CacheConfig, Dims, Schema
 from muscle.teacher_cache.stream import StreamData
-
-
-def _default_device() -> str:
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    return "cpu"
 
 
 def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Logits of the real (unpadded) positions, row-major: (B, T) -> (N_real, V).
 
-    Runs the decoder, then the output head on the real positions only, so padding costs no
-    head FLOPs and no (B, T, V) tensor is made.
+    The one forward path (:func:`muscle.forward.logits_at`) with the real positions as the ones
+    to keep: where the model takes a boolean ``logits_to_keep`` the head runs on them only (no
+    padding FLOPs, no (B, T, V) tensor), else the full logits are made and the rows selected.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)
-    h = hidden.last_hidden_state[attention_mask.bool()]  # (N_real, H)
-    logits = base.get_output_embeddings()(h)  # (N_real, V)
-    cap = getattr(base.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
+    keep = attention_mask.bool()  # (B, T)
+    rows = keep.reshape(-1).nonzero(as_tuple=True)[0]  # (N_real,) flat indices into B*T
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    return logits_at(model, batch, keep, rows)
 
 
 def _check_forward_path(model, input_ids, attention_mask, tol: float) -> None:
-    """Our decoder+head path must agree with the model's own forward (guards exotic heads)."""
+    """The kept-rows logits must agree with the model's full forward (guards models whose
+    forward takes ``logits_to_keep`` but reads a boolean mask some other way)."""
     ours = forward_logits(model, input_ids, attention_mask).float()
     ref = model(input_ids=input_ids, attention_mask=attention_mask).logits
     ref = ref[attention_mask.bool()].float()
@@ -46,22 +38,28 @@ def _check_forward_path(model, input_ids, attention_mask, tol: float) -> None:
     err = (ours[rows] - ref[rows]).abs().max().item() if rows.any() else 0.0
     if not err <= tol:
         raise MuscleError(
-            f"{type(model).__name__}: the cache's decoder+head logits differ from the model's "
-            f"forward by {err:.3g}; this model architecture is not supported by muscle-cache"
+            f"{type(model).__name__}: the cache's logits at the real positions differ from the "
+            f"model's full forward by {err:.3g}; this model architecture is not supported by "
+            "muscle-cache"
         )
 
 
-def check_path_on(model, stream: StreamData, examples, device, pad_id, dtype) -> None:
-    """``_check_forward_path`` on a few real examples of the stream."""
+def _padded(stream: StreamData, examples, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stream's ``examples`` right-padded: input_ids and attention_mask (B, T) int64."""
     off = stream.offsets
     lengths = np.diff(off)
-    T = int(lengths[examples].max())
-    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    x = torch.full((len(examples), int(lengths[examples].max())), pad_id, dtype=torch.long)
     m = torch.zeros_like(x)
     for b, e in enumerate(examples):
         n = int(lengths[e])
         x[b, :n] = torch.from_numpy(stream.input_ids[off[e] : off[e + 1]].astype(np.int64))
         m[b, :n] = 1
+    return x, m
+
+
+def check_path_on(model, stream: StreamData, examples, device, pad_id, dtype) -> None:
+    """``_check_forward_path`` on a few real examples of the stream."""
+    x, m = _padded(stream, examples, pad_id)
     tol = 1e-3 if dtype == torch.float32 else 0.25
     with torch.no_grad():
         _check_forward_path(model, x.to(device), m.to(device), tol)
@@ -125,15 +123,7 @@ def compute_unit(
     lengths = np.diff(off)
     t1 = temps.index(1.0)
     for batch in _plan_batches(lengths, _unit_examples(off, lo, hi), cfg.batch_size):
-        B, T = len(batch), int(lengths[batch].max())
-        input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-        mask = torch.zeros((B, T), dtype=torch.long)
-        for b, e in enumerate(batch):
-            n = int(lengths[e])
-            input_ids[b, :n] = torch.from_numpy(
-                stream.input_ids[off[e] : off[e + 1]].astype(np.int64)
-            )
-            mask[b, :n] = 1
+        input_ids, mask = _padded(stream, batch, pad_id)  # (B, T) each
         pos = np.concatenate([np.arange(off[e], off[e + 1]) for e in batch])  # (N_real,)
         labels = torch.from_numpy(stream.labels[pos].astype(np.int64))
         with torch.no_grad():

@@ -209,13 +209,13 @@ def _verify_teacher(path, root, name, stream, meta, schema: Schema, rep: VerifyR
 
 def _rerun_teacher(path, root, name, stream, meta, sample, seed, device, rep) -> dict:
     """Re-run the recorded model on ``sample`` random positions and compare with the store."""
-    from muscle.models import load_model
-    from muscle.teacher_cache.compute import _default_device, forward_logits
+    from muscle.models import load_model, resolve_device
+    from muscle.teacher_cache.compute import forward_logits
     from muscle.topk import teacher_topk
 
     check_teacher_provenance(path, name)
     spec = cache_teacher_spec(path, name)
-    device = device or _default_device()
+    device = resolve_device(device)
     model = load_model(spec, device)
     tg = root["teachers"][name]
     temps = [float(t) for t in meta["temperatures"]]
