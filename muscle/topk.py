@@ -22,10 +22,17 @@ exp pass of the lse: one (C, V) difference per chunk and one dot per temperature
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
+import numpy as np
 import torch
 from torch import Tensor
+
+# A torch tensor or a numpy array (the cache reader's stored values): the log-prob formulas
+# below are written once for both.
+Array = TypeVar("Array", Tensor, np.ndarray)
 
 _CHUNK_BYTES = 64 * 2**20
 
@@ -54,14 +61,35 @@ class TeacherTopK:
         return self.lse[key]
 
 
-def logprobs_at(values: Tensor, lse_t: Tensor, temperature: float) -> Tensor:
-    """Top-K log-probs at temperature T: values / T - lse_T. (N, K), (N,) -> (N, K) float32."""
-    return values.float() / temperature - lse_t.float()[:, None]
+def _float(x: Array) -> Array:
+    """At least float32 (float64 stays float64), torch tensor or numpy array alike."""
+    if isinstance(x, np.ndarray):
+        return x.astype(np.promote_types(x.dtype, np.float32), copy=False)
+    return x if x.dtype == torch.float64 else x.float()
 
 
-def label_logprob_at(label_logit: Tensor, lse_t: Tensor, temperature: float) -> Tensor:
+def logprobs_at(values: Array, lse_t: Array, temperature: float) -> Array:
+    """Top-K log-probs at temperature T: values / T - lse_T. (N, K), (N,) -> (N, K) float32
+    (float64 for float64 input), torch tensors or numpy arrays."""
+    return _float(values) / temperature - _float(lse_t)[:, None]
+
+
+def label_logprob_at(label_logit: Array, lse_t: Array, temperature: float) -> Array:
     """Label log-prob at temperature T: label_logit / T - lse_T. (N,), (N,) -> (N,) float32."""
-    return label_logit.float() / temperature - lse_t.float()
+    return _float(label_logit) / temperature - _float(lse_t)
+
+
+def stored_logprobs_at(
+    lp1: Array, lse: Array, temperatures: Sequence[float], temperature: float
+) -> Array:
+    """Log-probs stored at temperature 1 (P, K) -> at ``temperature``, from the stored lse's
+    (P, nT) at ``temperatures``: the raw logits are z = log p_1 + lse_1 (CACHE_FORMAT.md §5),
+    then :func:`logprobs_at`. ``lp1`` itself (not a copy) at T = 1."""
+    if temperature == 1.0:
+        return lp1
+    temps = [float(t) for t in temperatures]
+    z = lp1 + lse[:, temps.index(1.0), None]  # (P, K)
+    return logprobs_at(z, lse[:, temps.index(float(temperature))], temperature)
 
 
 def teacher_topk(

@@ -43,7 +43,7 @@ from muscle.teacher_cache.compute import (
 )
 from muscle.teacher_cache.decide import check_compatible
 from muscle.teacher_cache.inspect import inspect_cache, render_inspect, top_k_mass
-from muscle.teacher_cache.read import CacheReader, stored_logprobs_at
+from muscle.teacher_cache.read import CacheReader
 from muscle.teacher_cache.schema import (
     FORMAT_VERSION,
     SCHEMAS,
@@ -63,6 +63,7 @@ from muscle.teacher_cache.store import (
 from muscle.teacher_cache.stream import StreamData, make_stream, read_stream
 from muscle.teacher_cache.verify import VerifyReport, verify_cache
 from muscle.teacher_cache.write import _create_teacher, _write_unit
+from muscle.topk import stored_logprobs_at  # its home is beside logprobs_at; kept here too
 
 __all__ = [
     "FORMAT_VERSION",

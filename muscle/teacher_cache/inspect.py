@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 
-from muscle.teacher_cache.read import stored_logprobs_at
 from muscle.teacher_cache.schema import IGNORE_INDEX
 from muscle.teacher_cache.store import (
     REBUILD_CACHE,
@@ -19,6 +18,7 @@ from muscle.teacher_cache.store import (
     read_checked,
     read_meta,
 )
+from muscle.topk import stored_logprobs_at
 
 
 def _dir_bytes(p: Path) -> int:
@@ -112,9 +112,7 @@ def _top_k_mass(path: Path, meta: dict, root, name: str, max_rows: int = 4096) -
         lse = read_checked(tg["lse"], path, f"{where}/lse", rows, REBUILD_TEACHER)[keep]
         lp1 = lp1[keep].astype(np.float64)  # (R', K) log p at T = 1
         masses.append(
-            np.stack(
-                [np.exp(stored_logprobs_at(lp1.copy(), lse, temps, t)).sum(1) for t in temps], 1
-            )
+            np.stack([np.exp(stored_logprobs_at(lp1, lse, temps, t)).sum(1) for t in temps], 1)
         )  # (R', nT)
     if not masses or (mass := np.concatenate(masses)).shape[0] == 0:
         return {}
@@ -174,10 +172,10 @@ def _tail_spread(path: Path, meta: dict, root, name: str, max_rows: int = 4096) 
         lse = torch.from_numpy(got["lse"].astype(np.float64))  # (R', nT)
         by_t = {t: lse[:, i] for i, t in enumerate(temps)}
         e_cols, s_cols = [], []
-        for i, t in enumerate(temps):
+        for t in temps:
             w = tail_logweights(head, tail, by_t, t, t_r).exp() * m  # (R', M) weights
             e_cols.append(w.sum(1) ** 2 / (m * (w**2).sum(1)).clamp(min=1e-300))
-            a = w * ((tail + lse[:, temps.index(1.0), None]) / t - lse[:, i, None])  # w log p_T
+            a = w * stored_logprobs_at(tail, lse, temps, t)  # (R', M) w log p_T
             s_cols.append((a.var(1) / m).sqrt() if m > 1 else torch.zeros(len(a)))
         ess.append(torch.stack(e_cols, 1).numpy())
         sd.append(torch.stack(s_cols, 1).numpy())

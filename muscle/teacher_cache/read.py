@@ -25,20 +25,7 @@ from muscle.teacher_cache.store import (
     read_teacher_meta,
 )
 from muscle.teacher_cache.stream import read_stream
-
-
-def stored_logprobs_at(
-    lp1: np.ndarray, lse: np.ndarray, temperatures: Sequence[float], temperature: float
-) -> np.ndarray:
-    """Stored top-K log-probs at temperature 1 (P, K) -> at ``temperature``, from the stored
-    lse (P, nT): log p_T = z / T - lse_T with z = log p_1 + lse_1 (CACHE_FORMAT.md §5).
-    In place on ``lp1`` (pass the copy, in the float dtype wanted); returns it."""
-    if temperature == 1.0:
-        return lp1
-    lp1 += lse[:, list(temperatures).index(1.0), None]
-    lp1 *= lp1.dtype.type(1.0 / temperature)
-    lp1 -= lse[:, list(temperatures).index(temperature), None]
-    return lp1
+from muscle.topk import stored_logprobs_at
 
 
 def _entries_format1(
