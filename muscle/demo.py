@@ -227,7 +227,7 @@ def run_demo(
                 "piqa",
                 "--out",
                 "cache/piqa",
-                "--k",
+                "--top-k",
                 str(p.top_k),
                 *data_opts,
             ),
