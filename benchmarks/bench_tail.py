@@ -59,6 +59,7 @@ sys.path.insert(0, str(HERE))
 
 from bench_kl_approx import full_kl, machine, topk_kl  # noqa: E402
 
+from muscle import MuscleError  # noqa: E402
 from muscle.config import DataConfig, ModelSpec  # noqa: E402
 from muscle.data import collate, encode_splits, load_splits  # noqa: E402
 from muscle.forward import student_logits, valid_rows  # noqa: E402
@@ -524,10 +525,17 @@ def main() -> None:
         print("bench_tail: --data-dir is required (a folder with piqa/ as DATA_FORMAT.md says)",
               file=sys.stderr)  # fmt: skip
         sys.exit(2)
-    lora_seeds = {float(a): int(b) for a, b in (x.split(":") for x in args.lora_seeds.split(","))}
-    plan = Plan(k1=tuple(int(x) for x in args.k1.split(",")), f2=parse_pairs(args.f2),
-                seeds=args.seeds, lora_seeds={t: min(lora_seeds.get(t, 0), args.seeds)
-                                              for t in TEMPS})  # fmt: skip
+    try:
+        lora_seeds = {
+            float(a): int(b) for a, b in (x.split(":") for x in args.lora_seeds.split(","))
+        }
+        plan = Plan(k1=tuple(int(x) for x in args.k1.split(",")), f2=parse_pairs(args.f2),
+                    seeds=args.seeds, lora_seeds={t: min(lora_seeds.get(t, 0), args.seeds)
+                                                  for t in TEMPS})  # fmt: skip
+    except ValueError:
+        ap.error("--k1 is a comma list of ints, --f2 of K:M pairs, --lora-seeds of T:count pairs")
+    if args.seeds < 1 or not plan.k1 or not plan.f2 or min(plan.k1 + sum(plan.f2, ())) < 1:
+        ap.error("--seeds, every K and every M must be >= 1")
     t_start = time.time()
     loads = [os.getloadavg()[0]]
 
@@ -537,6 +545,13 @@ def main() -> None:
     def spec(base, adapter):
         return ModelSpec(base=base, adapter=adapter, dtype="float32")
 
+    try:  # the data first: a wrong --data-dir is one line before minutes of model loading
+        tok = load_tokenizer(spec(args.student, None))
+        cfg = DataConfig(task="piqa", data_dir=args.data_dir, max_examples=400, max_length=128)
+        enc = encode_splits(tok, cfg, load_splits(cfg, ("validation",)), max_length=128)
+    except MuscleError as e:
+        print(f"bench_tail: {e}", file=sys.stderr)
+        sys.exit(2)
     models = {}
     for name, base, adapter, train in (("v1", args.v1, args.v1_adapter, False),
                                        ("v2", args.v2, args.v2_adapter, False),
@@ -547,9 +562,6 @@ def main() -> None:
         models[name] = mdl
     models["lora"] = [p for p in models["student"].parameters() if p.requires_grad]
     log(f"loaded models; student LoRA parameters: {sum(p.numel() for p in models['lora'])}")
-    tok = load_tokenizer(spec(args.student, None))
-    cfg = DataConfig(task="piqa", data_dir=args.data_dir, max_examples=400, max_length=128)
-    enc = encode_splits(tok, cfg, load_splits(cfg, ("validation",)), max_length=128)
     val = enc["validation"]
     nb = min(args.batches, len(val) // BATCH)
     sink: dict = {}
