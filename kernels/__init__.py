@@ -9,8 +9,28 @@ module is imported.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 __all__ = ["masked_kl_triton", "masked_kl_triton_with_stats", "triton_available"]
+
+# The entry points are the functions of ``masked_kl.py`` themselves, with their full typed
+# signatures (Liger's ladder there: kernel -> launcher ``masked_kl_forward`` -> autograd
+# ``MaskedKLFunction`` -> these). Type checkers and editors follow this import; at run time
+# ``__getattr__`` below imports the module on first use, so ``import muscle.kernels`` (and
+# ``import muscle``) never imports triton.
+if TYPE_CHECKING:
+    from muscle.kernels.masked_kl import masked_kl_triton, masked_kl_triton_with_stats
+
+_LAZY = {"masked_kl_triton", "masked_kl_triton_with_stats"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from muscle.kernels import masked_kl
+
+        globals()[name] = fn = getattr(masked_kl, name)  # later lookups skip this hook
+        return fn
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def triton_available() -> bool:
@@ -27,19 +47,3 @@ def triton_available() -> bool:
         return bool(torch.cuda.is_available())
     except Exception:  # pragma: no cover
         return False
-
-
-def masked_kl_triton(*args, **kwargs):
-    """Fused masked top-K KL (+ optional CE) loss, with optional sampled tails (cache format 2);
-    see ``muscle.kernels.masked_kl``."""
-    from muscle.kernels.masked_kl import masked_kl_triton as _impl
-
-    return _impl(*args, **kwargs)
-
-
-def masked_kl_triton_with_stats(*args, **kwargs):
-    """Like :func:`masked_kl_triton`, also returning detached stats (kl, ce, frac_v1, n_tokens,
-    frac_sampled)."""
-    from muscle.kernels.masked_kl import masked_kl_triton_with_stats as _impl
-
-    return _impl(*args, **kwargs)

@@ -3,7 +3,8 @@
 Layering, as in Liger-Kernel: ``_masked_kl_fwd_kernel`` (jit, one program per row) ->
 ``masked_kl_forward`` (launcher: validation, block sizes, allocation) -> ``MaskedKLFunction``
 (autograd; the forward computes the gradient, backward only scales it, with
-``_scale_rows_kernel``) -> ``masked_kl_triton``.
+``_scale_rows_kernel``) -> ``masked_kl_triton`` / ``masked_kl_triton_with_stats`` (the entry
+points ``muscle.losses`` calls through ``muscle.kernels``).
 
 Per row i (label y, student logits z, temperature T, q = softmax(z / T)) the kernel:
 
@@ -48,12 +49,21 @@ If the complement of S is empty (K = V) the tail bin is dropped (p_tail is then 
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING, Any
 
 import torch
 import triton
 import triton.language as tl
 
-from muscle.masks import STUDENT_MASKS
+from muscle.config import DEFAULT_TEMPERATURE
+from muscle.masks import DEFAULT_MASK, STUDENT_MASKS
+
+if TYPE_CHECKING:
+    from muscle.losses import SampledTail
+
+# Which teacher each row distils from: a mask name of muscle.masks (STUDENT_MASKS) or a bool
+# tensor (N,), True = v1.
+Mask = str | torch.Tensor
 
 # 1 - sum_S q below this -> compute log q_tail exactly over the complement (see module doc).
 _TAIL_EXACT_BELOW = 2.0**-10
@@ -437,7 +447,9 @@ def _env_flag(name: str, default: bool) -> bool:
     return default if v is None else v not in ("0", "")
 
 
-def _resolve_mask(mask, labels, v1_ids, v1_logprobs) -> tuple[bool, torch.Tensor | None]:
+def _resolve_mask(
+    mask: Mask, labels: torch.Tensor, v1_ids: torch.Tensor, v1_logprobs: torch.Tensor
+) -> tuple[bool, torch.Tensor | None]:
     """-> (mask_is_argmax, int8 (N,) mask or None)."""
     N = labels.shape[0]
     if isinstance(mask, torch.Tensor):
@@ -466,17 +478,17 @@ def masked_kl_forward(
     v2_ids: torch.Tensor,
     v2_logprobs: torch.Tensor,
     *,
-    temperature: float = 2.0,
-    mask="v2c_wrong",
+    temperature: float = DEFAULT_TEMPERATURE,
+    mask: Mask = DEFAULT_MASK,
     ce_weight: float = 0.0,
     ignore_index: int = -100,
     t2_scale: bool = False,
     inplace_backward: bool = True,
     compute_grad: bool = True,
     compute_ce: bool | None = None,
-    v1_tail=None,
-    v2_tail=None,
-):
+    v1_tail: SampledTail | None = None,
+    v2_tail: SampledTail | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
     """Launch the kernel. Returns (loss, grad or None, per-row dict).
 
     v*_tail: None or the teacher's sampled tail (``muscle.losses.SampledTail``: ids (N, M) int,
@@ -613,17 +625,17 @@ def masked_kl_forward(
     return loss, (grad if compute_grad else None), rows
 
 
-def _has(tail) -> bool:
+def _has(tail: SampledTail | None) -> bool:
     return tail is not None and tail.ids.shape[1] > 0
 
 
-def _sampled_rows(to_v1: torch.Tensor, valid: torch.Tensor, has1: bool, has2: bool):
+def _sampled_rows(to_v1: torch.Tensor, valid: torch.Tensor, has1: bool, has2: bool) -> torch.Tensor:
     """(N,) bool: valid rows whose selected teacher has a sampled tail."""
     out = to_v1 if has1 else torch.zeros_like(to_v1)
     return (out | ~to_v1 if has2 else out) & valid
 
 
-def _tail_args(name: str, tail, N: int, dev) -> tuple:
+def _tail_args(name: str, tail: SampledTail | None, N: int, dev: torch.device) -> tuple:
     """Kernel arguments (ids, logweights, negent, stride, M) of one teacher's tail; placeholders
     with M = 0 when it has none (the kernel reads nothing through them then but the negent)."""
     if tail is None or tail.ids.shape[1] == 0:
@@ -649,7 +661,17 @@ class MaskedKLFunction(torch.autograd.Function):
     """Forward runs the fused kernel and keeps its gradient buffer; backward scales it."""
 
     @staticmethod
-    def forward(ctx, student_logits, labels, v1_ids, v1_lp, v2_ids, v2_lp, mask, opts):
+    def forward(
+        ctx,
+        student_logits: torch.Tensor,  # (N, V)
+        labels: torch.Tensor,  # (N,)
+        v1_ids: torch.Tensor,  # (N, K1)
+        v1_lp: torch.Tensor,  # (N, K1)
+        v2_ids: torch.Tensor,  # (N, K2)
+        v2_lp: torch.Tensor,  # (N, K2)
+        mask: Mask,
+        opts: dict[str, Any],  # masked_kl_forward's other keyword options
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         loss, grad, rows = masked_kl_forward(
             student_logits, labels, v1_ids, v1_lp, v2_ids, v2_lp, mask=mask, **opts
         )
@@ -662,14 +684,26 @@ class MaskedKLFunction(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output, *_unused):
+    def backward(ctx, grad_output: torch.Tensor | None, *_unused) -> tuple:
         (grad,) = ctx.saved_tensors
         if grad_output is not None:
             scale_grad_inplace(grad, grad_output)
         return grad, None, None, None, None, None, None, None
 
 
-def _run(student_logits, labels, v1_ids, v1_lp, v2_ids, v2_lp, *, mask, compute_ce, **opts):
+def _run(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    v1_ids: torch.Tensor,
+    v1_lp: torch.Tensor,
+    v2_ids: torch.Tensor,
+    v2_lp: torch.Tensor,
+    *,
+    mask: Mask,
+    compute_ce: bool | None,
+    **opts: Any,  # masked_kl_forward's keyword options
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Through the autograd Function when a gradient is wanted, else the launcher alone."""
     needs_grad = torch.is_grad_enabled() and student_logits.requires_grad
     if needs_grad:
         opts["compute_ce"] = compute_ce
@@ -705,14 +739,14 @@ def masked_kl_triton(
     v2_ids: torch.Tensor,
     v2_logprobs: torch.Tensor,
     *,
-    temperature: float = 2.0,
-    mask="v2c_wrong",
+    temperature: float = DEFAULT_TEMPERATURE,
+    mask: Mask = DEFAULT_MASK,
     ce_weight: float = 0.0,
     ignore_index: int = -100,
     t2_scale: bool = False,
     inplace_backward: bool = True,
-    v1_tail=None,
-    v2_tail=None,
+    v1_tail: SampledTail | None = None,
+    v2_tail: SampledTail | None = None,
 ) -> torch.Tensor:
     """MUSCLE loss: (1-w) mean_i[m_i KL_S(p1||q) + (1-m_i) KL_S(p2||q)] (x T^2) + w mean_i CE_i.
 
@@ -752,13 +786,21 @@ def masked_kl_triton_with_stats(
     v1_logprobs: torch.Tensor,
     v2_ids: torch.Tensor,
     v2_logprobs: torch.Tensor,
-    **kwargs,
+    *,
+    temperature: float = DEFAULT_TEMPERATURE,
+    mask: Mask = DEFAULT_MASK,
+    ce_weight: float = 0.0,
+    ignore_index: int = -100,
+    t2_scale: bool = False,
+    inplace_backward: bool = True,
+    v1_tail: SampledTail | None = None,
+    v2_tail: SampledTail | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(loss, stats): stats are detached 0-dim tensors over non-ignored rows: kl (mean KL_S of
-    the selected teacher, times T^2 if t2_scale, i.e. as it enters the loss), ce (mean CE at
-    T=1; computed even when ce_weight=0, one extra exp per element), frac_v1 (fraction of rows
-    aligned to v1), n_tokens (count, int64), frac_sampled (fraction of rows on the sampled-tail
-    estimator)."""
+    """(loss, stats), the arguments of :func:`masked_kl_triton`: stats are detached 0-dim
+    tensors over non-ignored rows: kl (mean KL_S of the selected teacher, times T^2 if
+    t2_scale, i.e. as it enters the loss), ce (mean CE at T=1; computed even when ce_weight=0,
+    one extra exp per element), frac_v1 (fraction of rows aligned to v1), n_tokens (count,
+    int64), frac_sampled (fraction of rows on the sampled-tail estimator)."""
     loss, rows = _run(
         student_logits,
         labels,
@@ -766,14 +808,19 @@ def masked_kl_triton_with_stats(
         v1_logprobs,
         v2_ids,
         v2_logprobs,
-        mask=kwargs.pop("mask", "v2c_wrong"),
+        mask=mask,
         compute_ce=True,
-        **kwargs,
+        temperature=temperature,
+        ce_weight=ce_weight,
+        ignore_index=ignore_index,
+        t2_scale=t2_scale,
+        inplace_backward=inplace_backward,
+        v1_tail=v1_tail,
+        v2_tail=v2_tail,
     )
     n = rows["n_valid"]
     denom = n.clamp(min=1).to(torch.float32)
-    temperature = kwargs.get("temperature", 2.0)
-    t2 = temperature * temperature if kwargs.get("t2_scale", False) else 1.0
+    t2 = temperature * temperature if t2_scale else 1.0
     stats = {
         # as it enters the loss: loss == (1 - ce_weight) * kl + ce_weight * ce
         "kl": (rows["kl"].sum() * t2 / denom).detach(),
