@@ -208,14 +208,25 @@ class _FusedLinearMaskedKL(torch.autograd.Function):
         # the n_c-weighted means, accumulated in float64
         acc = torch.zeros(5, dtype=torch.float64, device=dev)  # loss, kl, ce, frac_v1, frac_s
         w_t = weight.t()  # (d, V) view
+        # One (C, V) logits buffer for every chunk: its pages are touched once, not per chunk.
+        # Each chunk's loss and gradient are finished before the next chunk overwrites it.
+        z_buf = None
         for lo, n_c in zip(starts, counts, strict=True):
             if n_c == 0:
                 continue
             sl = slice(lo, min(lo + rows, n_rows))
             w_c = n_c / n_total  # this chunk's share of the mean
             h_c = hidden[sl]  # (C, d)
-            # (C, V) logits in the inputs' dtype: what lm_head would return
-            z = torch.addmm(bias, h_c, w_t) if bias is not None else torch.mm(h_c, w_t)
+            if z_buf is None:
+                z_buf = torch.empty(min(rows, n_rows), weight.shape[0], dtype=hidden.dtype,
+                                    device=dev)  # fmt: skip
+            # (C, V) logits in the inputs' dtype: what lm_head would return. detach(): a leaf
+            # of its own (not a view) that may require grad below.
+            z = z_buf[: h_c.shape[0]].detach()
+            if bias is not None:
+                torch.addmm(bias, h_c, w_t, out=z)
+            else:
+                torch.mm(h_c, w_t, out=z)
             dcap = None  # (C, V) d(softcapped)/d(raw), when soft-capping
             if spec.softcap is not None:
                 z.div_(spec.softcap).tanh_()  # t = tanh(z / c), as the model computes it
