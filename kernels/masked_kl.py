@@ -96,6 +96,40 @@ def _grad_block(z_row, g_row, cols, V, y, m, inv_T, base, a_kl, ce_wn, log_s_1,
 
 
 @triton.jit
+def _teacher_lanes(ids1_ptr, vals1_ptr, stride1, n1, ids2_ptr, vals2_ptr, stride2, n2, row, sel,
+                   BLOCK: tl.constexpr):  # fmt: skip
+    """The selected teacher's entries of one row (sel = 1: v1, 0: v2), head or tail alike:
+    ids (BLOCK,) (0 on unused lanes), values (BLOCK,) (-inf there) and the used lanes.
+    Masked loads touch no memory: only the selected teacher's entries are read."""
+    lanes = tl.arange(0, BLOCK)
+    on1 = lanes < n1 * sel  # lanes of v1 when it is selected, none otherwise
+    on2 = lanes < n2 * (1 - sel)
+    use_v1 = sel == 1
+    ids = tl.where(
+        use_v1,
+        tl.load(ids1_ptr + row * stride1 + lanes, mask=on1, other=0),
+        tl.load(ids2_ptr + row * stride2 + lanes, mask=on2, other=0),
+    )
+    vals = tl.where(
+        use_v1,
+        tl.load(vals1_ptr + row * stride1 + lanes, mask=on1, other=float("-inf")),
+        tl.load(vals2_ptr + row * stride2 + lanes, mask=on2, other=float("-inf")),
+    )
+    return ids, vals, on1 | on2
+
+
+@triton.jit
+def _fixup_block(g_row, ids, keep, q, mass, z_at, big_p, kl_wt, ce_wn, m, log_s_1, y,
+                 CE_GRAD: tl.constexpr):  # fmt: skip
+    """The fix-up of the entries ``ids`` (lanes ``keep``), head or draws alike: their gradient
+    is kl_wt (P q_j - mass_j) (plus CE), mass_j = p_j on S, p_hat_j at the draws."""
+    g = kl_wt * (big_p * q - mass)
+    if CE_GRAD:
+        g += ce_wn * (tl.exp(z_at - m - log_s_1) - tl.where(ids == y, 1.0, 0.0))
+    tl.store(g_row + ids, g.to(g_row.dtype.element_ty), mask=keep)
+
+
+@triton.jit
 def _masked_kl_fwd_kernel(
     z_ptr,  # (N, V) student logits, fp32 / bf16 / fp16, unit stride along V
     z_stride,
@@ -209,21 +243,8 @@ def _masked_kl_fwd_kernel(
     else:
         sel = tl.where(tl.load(mask_ptr + row) != 0, 1, 0)
     use_v1 = sel == 1
-    offk = tl.arange(0, BLOCK_K)
-    k1 = offk < K1 * sel  # (BLOCK_K,) lanes of v1 when it is selected, none otherwise
-    k2 = offk < K2 * (1 - sel)
-    kmask = k1 | k2  # (BLOCK_K,)
-    # masked loads touch no memory: only the selected teacher's K entries are read
-    ids = tl.where(
-        use_v1,
-        tl.load(ids1_ptr + row * ids1_stride + offk, mask=k1, other=0),
-        tl.load(ids2_ptr + row * ids2_stride + offk, mask=k2, other=0),
-    )
-    lp = tl.where(
-        use_v1,
-        tl.load(lp1_ptr + row * ids1_stride + offk, mask=k1, other=float("-inf")),
-        tl.load(lp2_ptr + row * ids2_stride + offk, mask=k2, other=float("-inf")),
-    )
+    ids, lp, kmask = _teacher_lanes(ids1_ptr, lp1_ptr, ids1_stride, K1, ids2_ptr, lp2_ptr,
+                                    ids2_stride, K2, row, sel, BLOCK_K)  # fmt: skip
     zs = tl.load(z_row + ids, mask=kmask, other=0.0).to(tl.float32)  # (BLOCK_K,)
     logq = (zs - m) * inv_T - log_s_t
     q = tl.where(kmask, tl.exp(logq), 0.0)
@@ -237,20 +258,8 @@ def _masked_kl_fwd_kernel(
         m_sel = M1 * sel + M2 * (1 - sel)
         binned = m_sel == 0
         sampled = m_sel > 0
-        offm = tl.arange(0, BLOCK_M)
-        t1 = offm < M1 * sel
-        t2 = offm < M2 * (1 - sel)
-        tmask = t1 | t2  # (BLOCK_M,)
-        tids = tl.where(
-            use_v1,
-            tl.load(tids1_ptr + row * tids1_stride + offm, mask=t1, other=0),
-            tl.load(tids2_ptr + row * tids2_stride + offm, mask=t2, other=0),
-        )
-        tlw = tl.where(
-            use_v1,
-            tl.load(tlw1_ptr + row * tids1_stride + offm, mask=t1, other=float("-inf")),
-            tl.load(tlw2_ptr + row * tids2_stride + offm, mask=t2, other=float("-inf")),
-        )
+        tids, tlw, tmask = _teacher_lanes(tids1_ptr, tlw1_ptr, tids1_stride, M1, tids2_ptr,
+                                          tlw2_ptr, tids2_stride, M2, row, sel, BLOCK_M)  # fmt: skip
         p_hat = tl.exp(tlw)  # 0 on padding lanes
         # z at the draws, read now: in place, sweep 3 overwrites the row with the gradient
         zt = tl.load(z_row + tids, mask=tmask, other=0.0).to(tl.float32)  # (BLOCK_M,)
@@ -361,21 +370,16 @@ def _masked_kl_fwd_kernel(
         # order the two writes (and, in place, our reads of z above) with a CTA barrier.
         tl.debug_barrier()
         # ---- fix-up: entries in S get (P q_j - p_j) / T -------------------------------------
-        gs = kl_wt * (big_p * q - p)
-        if CE_GRAD:
-            gs += ce_wn * (tl.exp(zs - m - log_s_1) - tl.where(ids == y, 1.0, 0.0))
-        tl.store(g_row + ids, gs.to(g_row.dtype.element_ty), mask=kmask)
+        _fixup_block(g_row, ids, kmask, q, p, zs, big_p, kl_wt, ce_wn, m, log_s_1, y, CE_GRAD)
         if HAS_TAIL:
             # ---- fix-up: the draws' entries get (P_hat q_j - p_hat_j) / T ---------------
             # p_hat_j = the sum over the lanes drawing j: every such lane stores one value.
             same = (tids[:, None] == tids[None, :]) & tmask[None, :]  # (BLOCK_M, BLOCK_M)
             p_id = tl.sum(tl.where(same, p_hat[None, :], 0.0), 1)  # (BLOCK_M,)
-            gt = kl_wt * (big_p * tl.exp(lq_t) - p_id)
-            if CE_GRAD:
-                gt += ce_wn * (tl.exp(zt - m - log_s_1) - tl.where(tids == y, 1.0, 0.0))
             # real draws only (a padding lane may name a head id); none on binned rows
             real = tmask & (tlw > float("-inf"))
-            tl.store(g_row + tids, gt.to(g_row.dtype.element_ty), mask=real)
+            _fixup_block(g_row, tids, real, tl.exp(lq_t), p_id, zt, big_p, kl_wt, ce_wn, m,
+                         log_s_1, y, CE_GRAD)  # fmt: skip
 
 
 @triton.jit
