@@ -33,8 +33,9 @@ with the chunk weight applied inside the matmul (one rounding); dL/dW is accumul
 chunks in float32 (float64 for float64) and cast once at the end, so that many chunks do not
 add bfloat16 roundings that one materialized matmul would not.
 
-Memory beyond the inputs and the gradients themselves: the chunk's logits (C, V), its gradient
-(C, V) (the same buffer on the triton path) and the chunked loss's own small scratch; plus, when
+Memory beyond the inputs and the gradients themselves: the chunk's logits (C, V) (one buffer,
+reused by every chunk), its gradient (C, V) (the same buffer on the triton path; a fresh one
+per chunk from the chunked loss) and the chunked loss's own small scratch; plus, when
 the weight needs a gradient and is not float32/float64, a float32 copy of g_c (C, V) and a
 float32 accumulator (V, d); plus one (C, V) buffer with a logit soft-cap. Nothing scales with
 N x V. The default chunk (:func:`default_fused_chunk_rows`) keeps one (C, V) buffer near
@@ -55,6 +56,7 @@ wrapper: DDP, DeepSpeed, PEFT).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -379,9 +381,24 @@ def _validate(
         raise ValueError(f"logit_softcap must be a finite number > 0 or None, got {softcap!r}")
     if isinstance(mask, Tensor) and mask.shape != (n,):
         raise ValueError(f"a mask tensor must be bool of shape ({n},), got {tuple(mask.shape)}")
+    known = _per_row_params()
     for name, val in extras.items():
+        if name not in known:
+            raise ValueError(
+                f"unknown argument {name!r}: masked_kl_with_stats takes no such keyword "
+                f"(per-row teacher arguments it takes: {', '.join(sorted(known)) or 'none'})"
+            )
         _check_rows(name, val, n, v)
     return n, v
+
+
+def _per_row_params() -> set[str]:
+    """Keywords of masked_kl_with_stats that this module does not name itself: the per-row
+    teacher arguments (``v1_tail``, ``v2_tail`` today), read from its signature so that new
+    ones are forwarded without a change here."""
+    own = {"temperature", "mask", "ce_weight", "ignore_index", "impl", "t2_scale", "chunk_rows"}
+    params = inspect.signature(masked_kl_with_stats).parameters.values()
+    return {p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in own}
 
 
 def _check_vocab(name: str, ids, v: int) -> None:

@@ -448,6 +448,7 @@ def test_bad_inputs():
         (dict(v1_tail=SampledTail(i1[:4] + 19, l1[:4], l1[:4, 0])), "v1_tail.ids must have N=6"),
         (dict(v1_tail=SampledTail(i1 + 19, l1, l1[:, 0])), "v1_tail.ids reach"),
         (dict(v1_tail="x"), "per-row teacher argument"),
+        (dict(v1_tails=None), "unknown argument 'v1_tails'"),
     ]
     for kw, msg in cases:
         with pytest.raises(ValueError) as e:
