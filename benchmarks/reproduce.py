@@ -438,7 +438,8 @@ def variant(run: Run, task: str, cfg: Path, label: str, mask: str, ce: float, ti
 
 def task_pipeline(
     run: Run, task: str, times: dict, ablation: bool, online: bool, upto: str
-) -> dict:
+) -> None:
+    """Every stage of one task that is not finished yet (outputs under OUT/T, see collect)."""
     cfg = write_config(run, task)
     pred = run.out / task / "pred"
     for name in ("v1",) if upto == "v1" else ("v2", "v1"):  # v2 first: it needs no healed v1
@@ -447,26 +448,20 @@ def task_pipeline(
         task_adapter(run, task, cfg, name, times)
         predict(run, task, cfg, name, pred / f"{name}.jsonl", times)
     if upto == "v1":  # a second invocation beside one that does v2
-        return {}
-    res: dict = {"sizes": dataclasses.asdict(run.sizes(task))}
-    res["disagreement_v1_v2"] = disagreement(pred / "v1.jsonl", pred / "v2.jsonl")
-    res["report_v1_v2"] = compare(
-        run, task, [pred / "v1.jsonl", pred / "v2.jsonl"], "compare-v1-v2", times
-    )
+        return
+    compare(run, task, [pred / "v1.jsonl", pred / "v2.jsonl"], "compare-v1-v2", times)
     if upto == "pair":
-        return res
+        return
     labels = ["v2c"] + ["v2c-online"] * online + [f"v2c-{m}" for m, _ in ABLATION_MASKS] * ablation
     if not all(Path(f"{pred / label}.jsonl.done").exists() for label in labels):
         for name in ("v1", "v2"):  # only when some v2c is still to train (tens of MB, rebuilt)
             cache_build(run, task, cfg, name, times)
-    res["report"] = variant(run, task, cfg, "v2c", "v2c_wrong", 0.0, times)
+    variant(run, task, cfg, "v2c", "v2c_wrong", 0.0, times)
     if online:
-        res["online"] = variant(run, task, cfg, "v2c-online", "v2c_wrong", 0.0, times, online=True)
+        variant(run, task, cfg, "v2c-online", "v2c_wrong", 0.0, times, online=True)
     if ablation:
-        res["ablation"] = {"v2c_wrong": res["report"]}
         for mask, ce in ABLATION_MASKS:
-            res["ablation"][mask] = variant(run, task, cfg, f"v2c-{mask}", mask, ce, times)
-    return res
+            variant(run, task, cfg, f"v2c-{mask}", mask, ce, times)
 
 
 def ensure_v1(run: Run, times: dict) -> None:
@@ -535,10 +530,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--base-v2", type=Path, help="default: ROOT/base-v2")
     ap.add_argument("--limit-train", type=int, help="override every task's training pool")
     ap.add_argument("--limit-test", type=int, help="override every task's test size")
-    ap.add_argument("--table", action="store_true", help="print OUT/results.json's table only")
+    ap.add_argument("--table", action="store_true", help="print the tables of OUT's results only")
     a = ap.parse_args(argv)
     if a.table:
-        print(markdown(json.loads((a.out / "results.json").read_text())))
+        print(markdown(collect(a.out)))
         return
     tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
     bad = [t for t in tasks if t not in CPU.tasks]
@@ -567,18 +562,38 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     for task in tasks:
         times: dict = {}
-        res = task_pipeline(
+        task_pipeline(
             run, task, times, a.ablation and task == "piqa", a.online and task == "piqa", a.upto
         )
-        f = run.out / "results.json"
-        results = json.loads(f.read_text()) if f.is_file() else {"tasks": {}}
-        results["tasks"][task] = {**results["tasks"].get(task, {}), **res}
-        results["machine"] = machine()
-        results["profile"] = a.profile
-        results["lora"] = {"r": run.profile.lora_r, "alpha": run.profile.lora_alpha}
-        write_json(f, results)
-    print(markdown(json.loads((run.out / "results.json").read_text())))
+    results = collect(run.out)  # the committed files are the record, whoever made them
+    results["sizes"] = {t: dataclasses.asdict(run.sizes(t)) for t in results["tasks"]}
+    results["machine"] = machine()
+    results["profile"] = a.profile
+    results["lora"] = {"r": run.profile.lora_r, "alpha": run.profile.lora_alpha}
+    write_json(run.out / "results.json", results)
+    print(markdown(results))
     print(f"total wall {time.time() - t0:.0f}s")
+
+
+def collect(out: Path) -> dict:
+    """Every finished comparison under OUT (whichever invocation or session made it)."""
+    tasks = {}
+    for tdir in sorted(p for p in out.iterdir() if (p / "pred").is_dir()):
+        pred, r = tdir / "pred", {}
+        if (tdir / "compare-v1-v2.json").is_file():
+            r["report_v1_v2"] = json.loads((tdir / "compare-v1-v2.json").read_text())
+            r["disagreement_v1_v2"] = disagreement(pred / "v1.jsonl", pred / "v2.jsonl")
+        for key, stem in (("report", "v2c"), ("online", "v2c-online")):
+            if (tdir / f"compare-{stem}.json").is_file():
+                r[key] = json.loads((tdir / f"compare-{stem}.json").read_text())
+        masks = [m for m, _ in ABLATION_MASKS if (tdir / f"compare-v2c-{m}.json").is_file()]
+        if masks:
+            r["ablation"] = {"v2c_wrong": r.get("report")} | {
+                m: json.loads((tdir / f"compare-v2c-{m}.json").read_text()) for m in masks
+            }
+        if r:
+            tasks[tdir.name] = r
+    return {"tasks": tasks}
 
 
 def disagreement(a: Path, b: Path) -> dict:
@@ -590,8 +605,8 @@ def disagreement(a: Path, b: Path) -> dict:
     return {"n": len(ids), "differ": k, "rate": k / len(ids) if ids else None}
 
 
-def _p(x, d=1):
-    return "–" if x is None else f"{100 * x:.{d}f}"
+def _p(x, d=1, signed=False):
+    return "–" if x is None else f"{100 * x:{'+' if signed else ''}.{d}f}"
 
 
 def _ci(ci: dict | None, key: str, signed: bool = False) -> str:
@@ -643,10 +658,10 @@ def markdown(results: dict) -> str:
             t = (rep["tests"]["paper_row"] or {}).get("nfr_c_vs_nfr")
             out.append(
                 f"| {task} | {label} | {row['n']} | {_p(row['score_v2c'])}{_ci(ci, 'score_v2c')} "
-                f"| {_p(row['delta_score_c'])}{_ci(ci, 'delta_score_c', True)} "
+                f"| {_p(row['delta_score_c'], signed=True)}{_ci(ci, 'delta_score_c', True)} "
                 f"| {_p(row['nfr_c'])}{_ci(ci, 'nfr_c')} "
-                f"| {_p(row['delta_nfr_c'])}{_ci(ci, 'delta_nfr_c', True)} "
-                f"| {_p(row['rel_delta_nfr_c'])} | {_test(t)} | {_p(row['pfr_c'])} |"
+                f"| {_p(row['delta_nfr_c'], signed=True)}{_ci(ci, 'delta_nfr_c', True)} "
+                f"| {_p(row['rel_delta_nfr_c'], signed=True)} | {_test(t)} | {_p(row['pfr_c'])} |"
             )
     return "\n".join(out)
 
