@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from muscle.topk import label_logprob_at, logprobs_at, teacher_topk
+from muscle.topk import label_logprob_at, logprobs_at, stored_logprobs_at, teacher_topk
 
 IGN = -100
 
@@ -65,6 +65,31 @@ def test_matches_dense_torch(dtype):
         assert bool(llp[~valid].isnan().all())
         torch.testing.assert_close(tk.label_logprob(t), llp, equal_nan=True)
     assert bool(tk.label_logit[~(y != IGN)].isnan().all())
+
+
+def test_logprobs_at_numpy_and_the_cache_reconstruction():
+    """One formula for torch and numpy (the cache reader's arrays): the same float32 bits; and
+    the cache's stored form (log p at T=1 + the lse's) rebuilt at T against dense float64."""
+    x, y = rand_case(n=11, v=300, seed=3)
+    temps = (1.0, 2.0, 0.7)
+    tk = teacher_topk(x, y, 8, temperatures=temps)
+    lp1 = logprobs_at(tk.values, tk.lse[1.0], 1.0).numpy()  # (N, K) what the cache stores
+    lse = np.stack([tk.lse[t].numpy() for t in temps], 1)  # (N, nT)
+    for t in temps:
+        got = logprobs_at(tk.values.numpy(), tk.lse[t].numpy(), t)
+        assert isinstance(got, np.ndarray) and got.dtype == np.float32
+        np.testing.assert_array_equal(got, logprobs_at(tk.values, tk.lse[t], t).numpy())
+        lab = label_logprob_at(tk.label_logit.numpy(), tk.lse[t].numpy(), t)
+        np.testing.assert_array_equal(lab, label_logprob_at(tk.label_logit, tk.lse[t], t).numpy())
+        dense = torch.log_softmax(x.double() / t, 1).gather(1, tk.ids).numpy()  # float64 truth
+        rebuilt = stored_logprobs_at(lp1.copy(), lse, temps, t)
+        assert rebuilt.dtype == np.float32
+        np.testing.assert_allclose(rebuilt, dense, rtol=0, atol=3e-5)
+        # float64 in, float64 out (inspect's statistics), torch and numpy alike
+        assert stored_logprobs_at(lp1.astype(np.float64), lse, temps, t).dtype == np.float64
+        assert logprobs_at(tk.values.double(), tk.lse[t], t).dtype == torch.float64
+    with pytest.raises(ValueError):  # a temperature the cache does not hold
+        stored_logprobs_at(lp1, lse, temps, 3.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])

@@ -109,7 +109,7 @@ def compute_unit(
     position depend on (cfg.tail_seed, teacher, global position) alone, so any split of the
     stream into units, ranks or runs writes the same bytes)."""
     from muscle.tail_sampling import TailSampling, teacher_key
-    from muscle.topk import teacher_topk
+    from muscle.topk import label_logprob_at, logprobs_at, teacher_topk
 
     K, temps = cfg.k, [float(t) for t in cfg.temperatures]
     tail = None
@@ -140,9 +140,10 @@ def compute_unit(
         lse = torch.stack([top.lse[t] for t in temps], 1).cpu()  # (N_real, nT)
         rows = {
             "ids": top.ids.cpu().numpy(),  # (N_real, K)
-            "logprobs": (top.values.cpu() - lse[:, t1 : t1 + 1]).numpy(),  # (N_real, K) at T=1
+            "logprobs": logprobs_at(top.values.cpu(), lse[:, t1], 1.0).numpy(),  # (N_real, K)
             "lse": lse.numpy(),
-            "label_logprob": (top.label_logit.cpu() - lse[:, t1]).numpy(),  # NaN where ignored
+            # (N_real,) at T=1, NaN where ignored
+            "label_logprob": label_logprob_at(top.label_logit.cpu(), lse[:, t1], 1.0).numpy(),
         }
         if tail is not None:
             rows |= _tail_rows(logits, top, pos, tail, lse[:, t1], temps)
@@ -160,13 +161,14 @@ def _tail_rows(logits, top, pos: np.ndarray, tail, lse1: torch.Tensor, temps) ->
     rows' global stream positions ``pos`` (N_real,), their log p at T=1 (raw logit - lse_1,
     like the head's), and the negative entropy at each cached T."""
     from muscle.tail_sampling import sample_tail
+    from muscle.topk import logprobs_at
 
     spec, key = tail
     where = torch.from_numpy(pos.astype(np.int64)).to(logits.device)  # (N_real,)
     d = sample_tail(logits, top.ids, where, spec, key)  # (N_real, M) ids and raw logits
     return {
         "tail_ids": d.ids.cpu().numpy(),  # (N_real, M)
-        "tail_logprobs": (d.values.cpu() - lse1[:, None]).numpy(),  # (N_real, M) at T=1
+        "tail_logprobs": logprobs_at(d.values.cpu(), lse1, 1.0).numpy(),  # (N_real, M) at T=1
         "negent": torch.stack([top.negent[t] for t in temps], 1).cpu().numpy(),  # (N_real, nT)
     }
 

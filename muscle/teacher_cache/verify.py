@@ -211,7 +211,7 @@ def _rerun_teacher(path, root, name, stream, meta, sample, seed, device, rep) ->
     """Re-run the recorded model on ``sample`` random positions and compare with the store."""
     from muscle.models import load_model, resolve_device
     from muscle.teacher_cache.compute import forward_logits
-    from muscle.topk import teacher_topk
+    from muscle.topk import logprobs_at, teacher_topk
 
     check_teacher_provenance(path, name)
     spec = cache_teacher_spec(path, name)
@@ -247,17 +247,18 @@ def _rerun_teacher(path, root, name, stream, meta, sample, seed, device, rep) ->
     lp_stored = torch.from_numpy(stored["logprobs"].astype(np.float32))  # (P, K)
     ids_stored = torch.from_numpy(stored["ids"].astype(np.int64))
     lse1 = fresh.lse[1.0]
-    lp_fresh_at_stored = logits.gather(1, ids_stored) - lse1[:, None]  # (P, K) log p at stored ids
+    # (P, K) log p at the stored ids, recomputed
+    lp_fresh_at_stored = logprobs_at(logits.gather(1, ids_stored), lse1, 1.0)
     fp16 = np.dtype(tg["logprobs"].dtype) == np.float16
     store_tol = lp_stored.abs() * 2.0**-10 if fp16 else torch.zeros_like(lp_stored)
     err = (lp_stored - lp_fresh_at_stored).abs() - store_tol
-    kth_fresh = fresh.values[:, -1] - lse1  # (P,) K-th largest log p, recomputed
+    kth_fresh = fresh.logprobs(1.0)[:, -1]  # (P,) K-th largest log p, recomputed
     set_err = (kth_fresh - lp_fresh_at_stored.min(1).values).clamp(min=0)  # stored set is a top-K
     lse_stored = torch.from_numpy(stored["lse"])
     lse_err = torch.stack([(lse_stored[:, i] - fresh.lse[t]).abs() for i, t in enumerate(temps)])
     valid = labels != IGNORE_INDEX
     lab_stored = torch.from_numpy(stored["label_logprob"])
-    lab_fresh = fresh.label_logit - lse1
+    lab_fresh = fresh.label_logprob(1.0)
     lab_err = (lab_stored - lab_fresh)[valid].abs()
     stats = {
         "positions": int(len(pos)),
