@@ -1,6 +1,9 @@
 """The forward pass of every model that produces logits in training: the student, and the
 teachers of online mode. One path, so a teacher's top-K and the student's loss see the same
 rows of the same logits.
+The cache build runs its teachers through it too
+(:func:`muscle.teacher_cache.compute.forward_logits` keeps the unpadded positions), so a cached
+teacher and the same teacher online are one forward pass.
 
 A batch holds right-padded ``input_ids``, ``attention_mask`` and next-token ``labels`` (B, T)
 (:func:`muscle.data.collate`); the positions that matter are those with a label.
