@@ -98,6 +98,14 @@ _DEF_C = CompatConfig()
     help="masked_kl implementation.",
 )
 @click.option(
+    "--fused-head/--no-fused-head",
+    default=_DEF_C.fused_head,
+    show_default=True,
+    help="Compat training: the student's LM head fused with the loss, a chunk of rows at a "
+    "time (its (N, V) logits never exist); models whose head cannot be reached fall back to "
+    "materialized logits and say so.",
+)
+@click.option(
     "--top-k",
     default=DEFAULT_TOP_K,
     show_default=True,
@@ -147,6 +155,7 @@ def cli(
     ce_weight: float,
     t2_scale: bool,
     impl: str,
+    fused_head: bool,
     top_k: int,
     deepspeed_config: str | None,
     device: str | None,
@@ -170,7 +179,12 @@ def cli(
         gradient_checkpointing=gradient_checkpointing,
     )
     compat_cfg = CompatConfig(
-        temperature=temperature, mask=mask, ce_weight=ce_weight, t2_scale=t2_scale, impl=impl
+        temperature=temperature,
+        mask=mask,
+        ce_weight=ce_weight,
+        t2_scale=t2_scale,
+        impl=impl,
+        fused_head=fused_head,
     )
     if cache_path:
         from muscle.compat_train import train_compat_from_cache

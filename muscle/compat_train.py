@@ -67,6 +67,7 @@ class CompatObjective:
             raise MuscleError(f"unknown mask {cfg.mask!r}: choose one of {', '.join(ALL_MASKS)}")
         self.cfg = cfg
         self._estimator_shown: str | None = None  # the loss estimator last announced
+        self._fused: bool | None = None  # fused LM head + loss? decided on the first batch
 
     def mask_for(self, batch: Batch, rows: torch.Tensor):
         """The kernel's own mask name, or a bool tensor (n,) for the likelihood masks."""
@@ -97,15 +98,9 @@ class CompatObjective:
             t = batch[key]
             return t.reshape(-1, t.shape[-1]).index_select(0, rows)
 
-        z = student_logits(model, batch, rows)  # (n, V)
         v1_tail, v2_tail = _sampled_tails(batch, rows, take)
-        loss, stats = masked_kl_with_stats(
-            z,
-            labels,
-            take("v1_ids"),
-            take("v1_logprobs"),
-            take("v2_ids"),
-            take("v2_logprobs"),
+        teachers = (take("v1_ids"), take("v1_logprobs"), take("v2_ids"), take("v2_logprobs"))
+        options = dict(
             temperature=self.cfg.temperature,
             mask=self.mask_for(batch, rows),
             ce_weight=self.cfg.ce_weight,
@@ -114,6 +109,17 @@ class CompatObjective:
             v1_tail=v1_tail,
             v2_tail=v2_tail,
         )
+        if self._use_fused_head(model):
+            from muscle.fused_head import fused_linear_masked_kl_with_stats, head_inputs
+
+            hidden, head = head_inputs(model, batch, rows)  # (n, d), the head's (V, d) weight
+            loss, stats = fused_linear_masked_kl_with_stats(
+                hidden, head.weight, head.bias, labels, *teachers,
+                logit_softcap=head.logit_softcap, **options,
+            )  # fmt: skip
+        else:
+            z = student_logits(model, batch, rows)  # (n, V)
+            loss, stats = masked_kl_with_stats(z, labels, *teachers, **options)
         self._announce(stats.estimator)
         s = _stats_dict(stats.as_dict())
         return loss, {
@@ -125,6 +131,27 @@ class CompatObjective:
             # 1: every token's loss was the sampled-tail estimate (format 2), 0: the K+1 bins
             "frac_sampled": s.get("frac_sampled", 0.0),
         }
+
+    def _use_fused_head(self, model) -> bool:
+        """Fused LM head + loss (the (n, V) logits never exist) where the config asks for it
+        and the model's head can be reached; else materialized logits. Decided once per run
+        and said once, with the reason for a fallback."""
+        if self._fused is None:
+            why = "off (--no-fused-head)"
+            if self.cfg.fused_head:
+                from muscle.fused_head import probe_fused_head
+
+                why = probe_fused_head(model)
+            self._fused = why is None
+            if distributed.dist_info().is_main:
+                from tqdm.auto import tqdm
+
+                tqdm.write(
+                    "student LM head: fused with the loss (muscle.fused_head)"
+                    if self._fused
+                    else f"student LM head: materialized logits ({why})"
+                )
+        return self._fused
 
     def _announce(self, estimator: str) -> None:
         """Say which estimator the loss is (ESTIMATORS), once, and again if it changes."""
@@ -218,7 +245,7 @@ def train_compat_from_cache(
         "cache": str(Path(cache_path).resolve()),
         "cache_id": reader.meta.get("dataset_fingerprint"),
         "v2": describe_model(v2_spec),
-        "compat": to_dict(compat_cfg),
+        "compat": train_identity(compat_cfg),
         "train": train_identity(train_cfg),
     }
 
@@ -371,7 +398,7 @@ def train_compat_online(
         "v1": describe_model(v1),
         "v2": describe_model(v2),
         "top_k": top_k,
-        "compat": to_dict(compat_cfg),
+        "compat": train_identity(compat_cfg),
         "train": train_identity(train_cfg),
     }
     devices = setup_devices(device, train_cfg)

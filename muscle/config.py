@@ -136,6 +136,11 @@ class CompatConfig:
     ce_weight: float = 0.0  # returns (1 - w) L_comp + w CE; paper's lambda = 1 - w
     t2_scale: bool = False
     impl: str = "auto"
+    # The LM head and the loss fused, a chunk of rows at a time (muscle.fused_head): the
+    # student's (N, V) logits never exist. Same loss up to float rounding, so not part of a
+    # run's identity (muscle.run_dir.NOT_IN_IDENTITY); models whose head cannot be reached fall
+    # back to materialized logits and say so once.
+    fused_head: bool = True
 
     def __post_init__(self) -> None:
         _ints_to_floats(self)

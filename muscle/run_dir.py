@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from muscle import MuscleError, __version__, distributed
-from muscle.config import TrainConfig, fingerprint, to_dict
+from muscle.config import CompatConfig, TrainConfig, fingerprint, to_dict
 from muscle.locking import LOCK_NAME, writer_lock
 
 RUN_FILE = "muscle_run.json"
@@ -39,14 +39,15 @@ CKPT_DIR = ".checkpoint"
 
 # ------------------------------------------------------------------------------ identity
 
-# TrainConfig fields that change how a run executes, not what it learns: left out of the run's
+# Config fields that change how a run executes, not what it learns: left out of the run's
 # identity, so a run may resume with them changed, and adding such a field does not make every
 # run started before it look like a different run (its fingerprint would change otherwise).
-NOT_IN_IDENTITY = ("checkpoint_every", "log_every", "gradient_checkpointing")
+NOT_IN_IDENTITY = ("checkpoint_every", "log_every", "gradient_checkpointing", "fused_head")
 
 
-def train_identity(cfg: TrainConfig) -> dict:
-    """The part of ``cfg`` that defines a run (its resume fingerprint)."""
+def train_identity(cfg: TrainConfig | CompatConfig) -> dict:
+    """The part of a run's config (``TrainConfig`` or ``CompatConfig``) that defines the run
+    (its resume fingerprint)."""
     return {k: v for k, v in to_dict(cfg).items() if k not in NOT_IN_IDENTITY}
 
 

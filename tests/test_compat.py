@@ -274,3 +274,33 @@ def test_two_ranks_match_one_process_from_cache(update, tmp_path):
         return [r["loss"] for r in rows if r["split"] == "validation"]
 
     assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), rel=1e-4)
+
+
+@pytest.mark.parametrize("mask", ["v2c_wrong", "token_ll"])
+def test_fused_head_is_the_default_and_equals_materialized_logits(update, mask, capsys):
+    """The trainer's objective with the fused LM head (default) and with materialized logits:
+    the same loss, statistics and LoRA gradients on a cached batch; the choice is said once."""
+    from muscle.run_dir import train_identity
+
+    batch = first_batch(CacheReader(update["cache"]))
+    v2 = update["v2"]
+    grads, losses, stats = {}, {}, {}
+    for fused in (True, False):
+        student = load_adapter(load_base(ModelSpec(v2.base)), v2.adapter, trainable=True)
+        obj = CompatObjective(CompatConfig(mask=mask, fused_head=fused))
+        loss, s = obj(student, batch)
+        obj(student, batch)  # a second batch: decided and said once per run
+        loss.backward()
+        assert obj._fused is fused
+        losses[fused], stats[fused] = loss.item(), s
+        grads[fused] = [p.grad.clone() for p in student.parameters() if p.requires_grad]
+    out = capsys.readouterr().out + capsys.readouterr().err
+    assert out.count("student LM head: fused with the loss") == 1
+    assert out.count("student LM head: materialized logits (off") == 1
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+    assert stats[True]["frac_v1"] == pytest.approx(stats[False]["frac_v1"], abs=1e-7)
+    assert all(g.abs().sum() > 0 for g in grads[False])
+    for a, b in zip(grads[True], grads[False], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max()))
+    # An execution choice, not part of what the run learns: a run may resume with it switched.
+    assert train_identity(CompatConfig(fused_head=False)) == train_identity(CompatConfig())
