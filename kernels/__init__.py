@@ -1,7 +1,8 @@
 """Fused Triton kernels for muscle, installed as ``muscle.kernels``.
 
 Importing this package is cheap and works without triton: the ``@triton.jit`` code lives in
-``muscle.kernels.masked_kl`` and is imported on first use. Under ``TRITON_INTERPRET=1`` (CPU
+``muscle.kernels.masked_kl_kernel``, launched by ``muscle.kernels.masked_kl``, and both are
+imported on first use. Under ``TRITON_INTERPRET=1`` (CPU
 tests) that variable must be set before the first call, since triton reads it when the jitted
 module is imported.
 """
