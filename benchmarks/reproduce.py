@@ -148,12 +148,16 @@ def stage(run: Run, name: str, cmd: list[str], done: Path | None, times: dict) -
     lock = logs / f"{name}.lock"
     while True:
         try:
-            os.close(os.open(lock, os.O_CREAT | os.O_EXCL))
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.write(fd, f"{platform.node()} {os.getpid()}".encode())
+            os.close(fd)
             break
         except FileExistsError:  # another invocation is on this stage: wait for it
-            print(f"[wait] {name}: {lock} (delete it if that run is gone)", flush=True)
-            while lock.exists():
+            print(f"[wait] {name}: {lock}", flush=True)
+            while lock.exists() and not stale(lock):
                 time.sleep(15)
+            if lock.exists():  # stale: its holder died (e.g. with its session)
+                lock.unlink(missing_ok=True)
             if done is not None and done.exists():
                 return False
     try:
@@ -174,6 +178,20 @@ def stage(run: Run, name: str, cmd: list[str], done: Path | None, times: dict) -
         return True
     finally:
         lock.unlink(missing_ok=True)
+
+
+def stale(lock: Path) -> bool:
+    """A lock left by a process of this machine that is gone (killed with its session)."""
+    try:
+        host, pid = lock.read_text().split()
+        if host != platform.node():
+            return False
+        os.kill(int(pid), 0)
+        return False
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError):  # unreadable or being written: not stale yet
+        return False
 
 
 def record_time(run: Run, name: str, seconds: float) -> None:
