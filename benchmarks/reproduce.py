@@ -3,7 +3,7 @@
 (benchmarks/README.md, "Reproduction on an update with real regressions"; issue 16).
 
     OMP_NUM_THREADS=1 nice -n 15 .venv/bin/python benchmarks/reproduce.py \\
-        --data-dir /work/shared/data --tasks piqa --ablation --online
+        --data-dir "$MUSCLE_DATA_DIR" --tasks piqa --ablation --online
 
 The pair (benchmarks/repro_pair.py): v2 = SmolLM2-135M-Instruct, v1 = v2 without 6 middle
 layers, healed by a small committed LoRA. Both bases are rebuilt under ``--root`` (git-ignored)
