@@ -186,7 +186,7 @@ TASKS: dict[str, Task] = {
             "validation.jsonl",
             eval_filter=lambda rec: int(rec["idx"]) % 4 == 0,
         ),
-        required_fields=("activity_label", "endings", "label"),
+        required_fields=("idx", "activity_label", "endings", "label"),
         to_example=_hellaswag_example,
     ),
     "gsm8k": Task(

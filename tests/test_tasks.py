@@ -191,6 +191,13 @@ def test_missing_file_invalid_json_missing_field(tmp_path):
     (tmp_path / "piqa" / "train.jsonl").write_text('{"goal": "a", "sol1": "b", "label": 0}\n')
     with pytest.raises(MuscleError, match=r"train.jsonl:1: missing field\(s\) sol2"):
         load_examples("piqa", "train", data_dir=tmp_path)
+    # HellaSwag's local split needs idx (the test carve-out is idx % 4 == 0): a record without
+    # it is a one-line error, not a KeyError traceback.
+    (tmp_path / "hellaswag").mkdir()
+    rec = {"activity_label": "a", "ctx": "b", "endings": ["c", "d"], "label": 0}
+    (tmp_path / "hellaswag" / "validation.jsonl").write_text(json.dumps(rec) + "\n")
+    with pytest.raises(MuscleError, match=r"validation.jsonl:1: missing field\(s\) idx"):
+        load_examples("hellaswag", "test", data_dir=tmp_path)
 
 
 def test_empty_dataset(tmp_path):
