@@ -433,23 +433,28 @@ def compare(run: Run, task: str, files: list[Path], stem: str, times: dict) -> d
 
 
 def variant(run: Run, task: str, cfg: Path, label: str, mask: str, ce: float, times, online=False):
-    """One v2c variant: train (unless its predictions are committed), predict, compare."""
+    """One v2c variant: train (unless its predictions or its adapter are committed), predict,
+    compare. The main v2c's adapter is always committed; a variant's only by hand, when its
+    predictions are left for a later session (they resume on the same adapter path)."""
     pred = run.out / task / "pred" / f"{label}.jsonl"
     done = Path(str(pred) + ".done")
+    kept = run.out / task / "adapters" / label
     if done.exists():
         print(f"[skip] {task}-train+predict-{label}: {rel(done)} exists", flush=True)
     else:
-        work = compat_adapter(run, task, cfg, label, mask, ce, times, online)
-        if label == "v2c":  # the main v2c's adapter is committed; the variants' are not
-            dest = run.out / task / "adapters" / "v2c"
-            if not (dest / "adapter_model.safetensors").exists():
-                keep_adapter(work, dest)
-            predict(run, task, cfg, "v2c", pred, times)
+        if (kept / "adapter_model.safetensors").exists():
+            print(f"[skip] {task}-train-{label}: {rel(kept)} exists", flush=True)
+            adapter = kept
         else:
-            predict(run, task, cfg, "v2c", pred, times, adapter=work)
-        for log in ("train_log.jsonl", "muscle_run.json"):  # small records of the run
-            if (work / log).is_file():
-                shutil.copy2(work / log, run.out / task / "pred" / f"{label}.{log}")
+            adapter = compat_adapter(run, task, cfg, label, mask, ce, times, online)
+            for log in ("train_log.jsonl", "muscle_run.json"):  # small records of the run
+                if (adapter / log).is_file():
+                    shutil.copy2(adapter / log, run.out / task / "pred" / f"{label}.{log}")
+            if label == "v2c":
+                keep_adapter(adapter, kept)
+                adapter = kept
+        # v2c's own adapter is the config's; the others are passed explicitly
+        predict(run, task, cfg, "v2c", pred, times, adapter=None if label == "v2c" else adapter)
     p = run.out / task / "pred"
     return compare(run, task, [p / "v1.jsonl", p / "v2.jsonl", pred], f"compare-{label}", times)
 
