@@ -104,6 +104,9 @@ def one_step(model, objective, batch, *, checkpointing: bool) -> tuple[torch.Ten
     """Loss and gradients of every trainable parameter after one forward + backward of
     ``model`` (prepared by :func:`student`); checks the layers were recomputed iff checkpointing.
     """
+    decide_head = getattr(objective, "_use_fused_head", None)
+    if decide_head is not None:  # the compat objective's one-time head probe is a forward of
+        decide_head(model)  # its own (once per run, no grad): not part of the step counted here
     calls = count_layer_forwards(model)
     loss, _ = objective(model, batch)
     loss.backward()
