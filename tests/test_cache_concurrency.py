@@ -67,7 +67,7 @@ def _worker(jobs, results, barrier) -> None:
 
             muscle.tasks.dataset_fingerprint = fingerprint_mid_stream
         if job.get("sync"):
-            barrier.wait(60)  # both workers start their build at the same moment
+            barrier.wait(600)  # both workers start their build at the same moment
         try:
             res = build_cache(
                 job["out"], job["name"], ModelSpec(job["base"]), DATA, CFG, progress=False
@@ -125,7 +125,7 @@ def workers():
 def _run(workers, *jobs: dict) -> list[tuple[str, str, str]]:
     for (q, _), job in zip(workers, jobs, strict=True):
         q.put(job)
-    return [r.get(timeout=120) for _, r in workers]
+    return [r.get(timeout=600) for _, r in workers]  # generous: a loaded CI box
 
 
 def _same_arrays(out: Path, reference: dict[str, np.ndarray]) -> None:
