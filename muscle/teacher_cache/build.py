@@ -31,7 +31,7 @@ from muscle.teacher_cache.compute import (
     check_path_on,
     compute_unit,
 )
-from muscle.teacher_cache.decide import cache_lock, decide, discard, teacher_lock
+from muscle.teacher_cache.decide import Plan, cache_lock, decide, discard, teacher_lock
 from muscle.teacher_cache.schema import (
     CacheConfig,
     build_schema,
@@ -157,9 +157,21 @@ def build_cache(
                 "tail_seed": cfg.tail_seed,
                 "proposal_temperature": cfg.proposal_temperature,
             }
+
         # A first look, without locks (it writes nothing): refusals and the no-op come before
         # the model load; the decision that counts is taken again under the locks below.
-        plan = distributed.on_main(lambda: decide(path, name, new, model_info, overwrite))
+        def first_look() -> Plan:
+            try:
+                return decide(path, name, new, model_info, overwrite)
+            except MuscleError:
+                if not path.is_dir():
+                    raise
+                # Another build may be creating this cache right now (its root half written
+                # looks foreign for a moment): a refusal counts once confirmed under the lock.
+                with writer_lock(cache_lock(path), what=f"cache {path}", wait=True):
+                    return decide(path, name, new, model_info, overwrite)
+
+        plan = distributed.on_main(first_look)
         if plan.teacher == "skip":
             # The same command run again is a no-op (pipelines re-run finished stages).
             return replace(skipped, seconds=time.time() - t_start)
