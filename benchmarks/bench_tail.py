@@ -1,6 +1,6 @@
 """Cache format 1 ((K+1)-bin KL) vs format 2 (top-K head + sampled tail) at equal bytes.
 
-    nice -n 10 .venv/bin/python benchmarks/bench_tail.py --data-dir /work/shared/data
+    nice -n 10 .venv/bin/python benchmarks/bench_tail.py --data-dir "$MUSCLE_DATA_DIR"
     .venv/bin/python benchmarks/bench_tail.py --self-check
 
 Issue 13 item 4. On real PIQA batches (8 examples, max_length 128, the validation split of the
