@@ -44,13 +44,39 @@ def _holder_text() -> str:
     return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since})
 
 
-def describe_holder(path: Path) -> str:
-    """'pid 123 on host h since 2026-...' from a lock file's text (best effort)."""
+def describe_holder(path: Path) -> str | None:
+    """'pid 123 on host h since 2026-...' from a lock file's text; None while it is empty."""
     try:
         info = json.loads(Path(path).read_text() or "{}")
         return f"pid {info['pid']} on {info['host']} since {info['since']}"
     except (OSError, ValueError, KeyError, TypeError):
-        return "another process"
+        return None
+
+
+# A holder writes its text just after it takes the lock and clears it just before it lets go,
+# so a refused writer can look in between and find the file empty. It looks again for this long
+# (and takes the lock if it was let go meanwhile) before it names "another process".
+_HOLDER_TEXT_WAIT_S = 2.0
+
+
+def _take(fd: int, path: Path, *, what: str, wait: bool) -> None:
+    if wait:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return
+    deadline = time.monotonic() + _HOLDER_TEXT_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            holder = describe_holder(path)
+            if holder is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+                continue
+            raise LockHeld(
+                f"{what} is being written by {holder or 'another process'} ({path}); wait "
+                "for it to finish, or write elsewhere"
+            ) from None
 
 
 @contextmanager
@@ -65,13 +91,7 @@ def writer_lock(path: str | Path, *, what: str, wait: bool = False) -> Iterator[
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            raise LockHeld(
-                f"{what} is being written by {describe_holder(path)} ({path}); wait for it "
-                "to finish, or write elsewhere"
-            ) from None
+        _take(fd, path, what=what, wait=wait)
         os.ftruncate(fd, 0)
         os.pwrite(fd, _holder_text().encode(), 0)
         try:
