@@ -11,14 +11,21 @@ same numbers:
 * **The LM head on the scored rows only.** Only the positions that predict a continuation token
   go through the (hidden, vocabulary) projection and the log-softmax; the (B, T, V) logits of
   every position are never made (``logits_to_keep`` with a boolean mask).
-* **Shared-prefix scoring.** The choices of a document share their context: the context is
-  encoded once (one forward pass that fills a KV cache), the cache is expanded over the choices
-  and only each choice's own tokens run through the model. It pays when contexts are long
-  against the continuations (HellaSwag: a 29-token context, four 14-token endings with
-  SmolLM2's tokenizer, half the tokens saved) and not when they are short (PIQA: a 14-token
-  context, two 23-token solutions, 18% saved, which a second forward pass per batch eats up;
-  measured in ``benchmarks/bench_eval.py``). ``share_prefix=None`` decides per call from the
-  token counts: share when at least :data:`SHARE_MIN_SAVING` of the tokens would be saved.
+* **Shared-prefix scoring.** The choices of a document share their context. The document is
+  packed into one sequence, the context once and then each choice's own tokens, under a 4D
+  attention mask that shows each choice the context and itself only, at the positions it has
+  in its own request: one row per document instead of one per choice, the context encoded
+  once. (Encoding the context into a KV cache and expanding the cache over the choices does
+  the same arithmetic, but each batch then needs two forward passes and pads every choice to
+  the longest choice of its documents: on HellaSwag windows with SmolLM2's tokenizer 72k
+  token positions against 43k packed and 87k unshared, with twice the passes of packing.)
+  It pays when contexts are long against the continuations (HellaSwag: a 29-token context,
+  four 14-token endings, half the tokens saved) and little when they are short (PIQA: a
+  14-token context, two 23-token solutions, 18% saved, eaten up by the longer attention rows
+  and the mask; measured in ``benchmarks/bench_eval.py``). ``share_prefix=None`` decides per
+  call from the token counts: share when at least :data:`SHARE_MIN_SAVING` of the tokens
+  would be saved. Models whose attention does not read a custom mask (flash-attention) or
+  whose sliding window is shorter than a packed document are scored unshared.
 
 Every batch is built from the call's requests alone, deterministically, so the same window gives
 bit-identical numbers (what makes a resumed ``predict`` byte-identical to a clean run).
@@ -70,13 +77,6 @@ def _keeps_rows(model) -> bool:
     return "logits_to_keep" in _forward_params(model) and hasattr(
         modeling_utils, "slice_logits_to_keep"
     )
-
-
-def new_cache(model):
-    """An empty KV cache for ``model`` (a transformers ``DynamicCache``)."""
-    from transformers import DynamicCache
-
-    return DynamicCache(config=unwrap(model).config)
 
 
 def _cache_kwargs(model, cache) -> dict:
@@ -190,75 +190,78 @@ def _sum_logprobs(logits: torch.Tensor, rows: Sequence[_Row]) -> list[float]:
     return [float(part.double().sum()) for part in torch.split(logp, sizes)]
 
 
-def _right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    B, T = len(rows), max(len(r) for r in rows)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    mask = torch.zeros((B, T), dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[b, : len(r)] = 1
-    return ids, mask
-
-
-def _scored_mask(rows: Sequence[_Row], width: int) -> torch.Tensor:
-    """(R, width) bool: the positions whose logits predict a target (the last len(targets))."""
-    keep = torch.zeros((len(rows), width), dtype=torch.bool)
-    for b, r in enumerate(rows):
-        keep[b, len(r.tokens) - len(r.targets) : len(r.tokens)] = True
-    return keep
-
-
 @torch.inference_mode()
 def _score_plain(model, rows: Sequence[_Row], pad_id: int) -> list[float]:
     """One right-padded forward pass over whole requests (no prefix)."""
-    ids, _ = _right_pad([r.tokens for r in rows], pad_id)  # (B, T)
+    B, T = len(rows), max(len(r.tokens) for r in rows)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    keep = torch.zeros((B, T), dtype=torch.bool)  # positions whose logits are scored
+    for b, r in enumerate(rows):
+        ids[b, : len(r.tokens)] = torch.tensor(r.tokens, dtype=torch.long)
+        keep[b, len(r.tokens) - len(r.targets) : len(r.tokens)] = True  # predict the targets
     device = device_of(model)
     # Right padding leaves the real tokens at positions 0..n-1, and causal attention never
     # looks right: no attention mask or position ids are needed (lm-eval passes none either).
-    logits = logits_at(model, ids.to(device), None, _scored_mask(rows, ids.shape[1]).to(device))
+    logits = logits_at(model, ids.to(device), None, keep.to(device))  # (n, V)
     return _sum_logprobs(logits, rows)
 
 
+def can_pack(model, longest: int) -> bool:
+    """Whether ``model`` takes the packed layout of :func:`_score_packed`: an attention that
+    reads a custom 4D mask (sdpa, eager) and no sliding window shorter than the sequences."""
+    config = unwrap(model).config
+    window = getattr(config, "sliding_window", None)
+    return getattr(config, "_attn_implementation", None) in ("sdpa", "eager") and (
+        not window or longest <= window
+    )
+
+
+def _packed(prefix: Sequence[int], rows: Sequence[_Row]) -> tuple[list[int], list[int], list[int]]:
+    """One document as one sequence: its prefix, then each choice's own tokens; (tokens,
+    positions, segment: 0 for the prefix, k + 1 for choice k)."""
+    tokens, pos, seg = list(prefix), list(range(len(prefix))), [0] * len(prefix)
+    for k, r in enumerate(rows):
+        tokens += r.tokens
+        pos += range(r.offset, r.offset + len(r.tokens))
+        seg += [k + 1] * len(r.tokens)
+    return tokens, pos, seg
+
+
 @torch.inference_mode()
-def _score_shared(
+def _score_packed(
     model, prefixes: Sequence[Sequence[int]], rows: Sequence[_Row], pad_id: int
 ) -> list[float]:
-    """Prefixes encoded once (one forward, left-padded, fills a KV cache), the cache expanded
-    over each prefix's rows, then one right-padded forward over the rows' own tokens."""
+    """One forward pass over documents packed one per sequence (``rows`` in (doc, choice)
+    order): the prefix once, then the choices' own tokens, each choice seeing the prefix and
+    itself only (a 4D mask) at its own positions (each continues the prefix's)."""
     device = device_of(model)
-    D, P = len(prefixes), max(len(p) for p in prefixes)
-    pre_ids = torch.full((D, P), pad_id, dtype=torch.long)
-    pre_mask = torch.zeros((D, P), dtype=torch.long)
-    for d, p in enumerate(prefixes):
-        # Left padding: every prefix ends at column P, so each row's tokens follow it directly.
-        pre_ids[d, P - len(p) :] = torch.tensor(p, dtype=torch.long)
-        pre_mask[d, P - len(p) :] = 1
-    pre_pos = (pre_mask.cumsum(-1) - 1).clamp(min=0)  # (D, P)
-    cache = new_cache(model)
-    # Only the cache is wanted; logits_to_keep=1 keeps the LM head to one row per prefix.
-    one_row = {"logits_to_keep": 1} if "logits_to_keep" in _forward_params(model) else {}
-    model(
-        input_ids=pre_ids.to(device),
-        attention_mask=pre_mask.to(device),
-        position_ids=pre_pos.to(device),
-        **one_row,
-        **_cache_kwargs(model, cache),
-    )
-    owner = torch.tensor([r.doc for r in rows], device=device)  # (R,) prefix of each row
-    cache.batch_select_indices(owner)  # (D, H, P, hd) -> (R, H, P, hd) in every layer
-
-    ids, mask = _right_pad([r.tokens for r in rows], pad_id)  # (R, S)
-    S = ids.shape[1]
-    pos = torch.tensor([r.offset for r in rows])[:, None] + torch.arange(S)[None, :]  # (R, S)
-    full_mask = torch.cat([pre_mask.to(device).index_select(0, owner), mask.to(device)], dim=1)
+    by_doc: list[list[_Row]] = [[] for _ in prefixes]
+    for r in rows:
+        by_doc[r.doc].append(r)
+    packed = [_packed(p, rs) for p, rs in zip(prefixes, by_doc, strict=True)]
+    B, T = len(packed), max(len(t) for t, _, _ in packed)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    pos = torch.zeros((B, T), dtype=torch.long)
+    seg = torch.full((B, T), -1, dtype=torch.long)  # -1: padding
+    keep = torch.zeros((B, T), dtype=torch.bool)  # positions whose logits are scored
+    for b, ((tokens, positions, segments), rs) in enumerate(zip(packed, by_doc, strict=True)):
+        n = len(tokens)
+        ids[b, :n], pos[b, :n] = torch.tensor(tokens), torch.tensor(positions)
+        seg[b, :n] = torch.tensor(segments)
+        end = len(prefixes[b])
+        for r in rs:  # a choice's last len(targets) positions predict its targets
+            end += len(r.tokens)
+            keep[b, end - len(r.targets) : end] = True
+    causal = torch.ones((T, T), dtype=torch.bool).tril()  # (T, T): key j <= query i
+    q, k = seg[:, :, None], seg[:, None, :]  # (B, T, 1), (B, 1, T)
+    allowed = causal & (k != -1) & ((k == 0) | (k == q))  # (B, T, T)
+    allowed |= torch.eye(T, dtype=torch.bool)  # a padding query sees itself (no empty row)
+    dtype = next(model.parameters()).dtype
+    mask = torch.zeros((B, 1, T, T), dtype=dtype)  # additive: what sdpa and eager both read
+    mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
     logits = logits_at(
-        model,
-        ids.to(device),
-        full_mask,  # (R, P + S)
-        _scored_mask(rows, S).to(device),
-        position_ids=pos.to(device),
-        cache=cache,
-    )
+        model, ids.to(device), mask.to(device), keep.to(device), position_ids=pos.to(device)
+    )  # (n, V), row-major: document by document, choice by choice
     return _sum_logprobs(logits, rows)
 
 
@@ -298,6 +301,8 @@ def score_documents(
     inputs, prefixes, saving = plan_sharing(docs, max_length)
     if share_prefix is None:
         share_prefix = saving >= SHARE_MIN_SAVING
+    longest = max((sum(len(x) for x in xs) for xs in inputs), default=0)
+    share_prefix = share_prefix and can_pack(model, longest)
     out: list[list[float]] = [[0.0] * len(reqs) for reqs in docs]
 
     def rows_of(d: int, p: int) -> list[_Row]:
@@ -317,8 +322,11 @@ def score_documents(
         for r, s in zip(batch, _score_plain(model, batch, pad_id), strict=True):
             out[r.doc][r.choice] = s
 
-    # Shared documents: longest (prefix + longest choice) first.
-    shared.sort(key=lambda d: (-max(len(x) for x in inputs[d]), d))
+    # Shared documents, packed: longest packed sequence first, batch_size per forward pass.
+    def packed_length(d: int) -> int:
+        return prefixes[d] + sum(len(x) - prefixes[d] for x in inputs[d])
+
+    shared.sort(key=lambda d: (-packed_length(d), d))
     for start in range(0, len(shared), batch_size):
         group = shared[start : start + batch_size]
         rows = [
@@ -326,7 +334,7 @@ def score_documents(
             for j, d in enumerate(group)
             for r in rows_of(d, prefixes[d])
         ]
-        sums = _score_shared(model, [inputs[d][0][: prefixes[d]] for d in group], rows, pad_id)
+        sums = _score_packed(model, [inputs[d][0][: prefixes[d]] for d in group], rows, pad_id)
         for r, s in zip(rows, sums, strict=True):
             out[group[r.doc]][r.choice] = s
     return out

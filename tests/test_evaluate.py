@@ -126,10 +126,14 @@ def test_loglikelihoods_equal_a_direct_forward_pass(
     assert meta["summary"]["acc_norm"] == pytest.approx(sum(r["acc_norm"] for r in records) / n)
 
 
-def test_shared_prefix_scoring_equals_plain_and_direct(noisy):
-    """The prefix-shared path (context once, KV cache expanded over the choices) against the
-    plain one and a float64 forward of each whole sequence, with truncation in play."""
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prefix_scoring_equals_plain_and_direct(noisy, attn):
+    """The prefix-shared path (each document packed into one sequence: context once, then every
+    choice under a mask that shows it the context and itself) against the plain path and a
+    float64 forward of each whole sequence, with truncation in play, under both attention
+    implementations that read a custom additive mask (sdpa, eager)."""
     model, tok = noisy
+    model.set_attn_implementation(attn)
     examples = load_examples("hellaswag", "test", data_dir=DATA, max_examples=6)
     docs = [
         sc.loglikelihood_requests(tok, [ex.context] * 4, [" " + c for c in ex.choices])
@@ -137,30 +141,41 @@ def test_shared_prefix_scoring_equals_plain_and_direct(noisy):
     ]
     inputs, prefixes, saving = sc.plan_sharing(docs, 2048)
     assert all(p > 10 for p in prefixes) and saving > sc.SHARE_MIN_SAVING
-    ref = []
-    for reqs in docs:
-        ref.append(
-            [
-                direct_loglikelihood(
-                    model, tok, ids=r.context + r.continuation, n_cont=len(r.continuation)
-                )
-                for r in reqs
-            ]
+    ref = [
+        [
+            direct_loglikelihood(
+                model, tok, ids=r.context + r.continuation, n_cont=len(r.continuation)
+            )
+            for r in reqs
+        ]
+        for reqs in docs
+    ]
+    try:
+        for batch_size in (1, 3, 8):
+            kw = {"batch_size": batch_size, "max_length": 2048, "pad_id": tok.pad_token_id}
+            shared = sc.score_documents(model, docs, share_prefix=True, **kw)
+            plain = sc.score_documents(model, docs, share_prefix=False, **kw)
+            assert sc.score_documents(model, docs, **kw) == shared  # HellaSwag shares by default
+            assert shared != plain  # the two paths really differ (in rounding)
+            for s, p, r in zip(shared, plain, ref, strict=True):
+                assert s == pytest.approx(r, abs=2e-4) and p == pytest.approx(r, abs=2e-4)
+        # Truncated from the left: the shared prefix is what remains common after the cut.
+        max_len = max(len(x) for xs in inputs for x in xs) - 8
+        kw = {"batch_size": 4, "max_length": max_len, "pad_id": tok.pad_token_id}
+        cut_shared = sc.score_documents(model, docs, share_prefix=True, **kw)
+        cut_plain = sc.score_documents(model, docs, share_prefix=False, **kw)
+        for s, p in zip(cut_shared, cut_plain, strict=True):
+            assert s == pytest.approx(p, abs=2e-4)
+        # A sliding window shorter than a packed document: the plain path, bit for bit.
+        model.config.sliding_window = 16
+        assert not sc.can_pack(model, 17) and sc.can_pack(model, 16)
+        kw = {"batch_size": 4, "max_length": 2048, "pad_id": tok.pad_token_id}
+        assert sc.score_documents(model, docs, share_prefix=True, **kw) == sc.score_documents(
+            model, docs, share_prefix=False, **kw
         )
-    for batch_size in (1, 3, 8):  # 3: documents of 4 choices still go whole into a batch
-        kw = {"batch_size": batch_size, "max_length": 2048, "pad_id": tok.pad_token_id}
-        shared = sc.score_documents(model, docs, share_prefix=True, **kw)
-        plain = sc.score_documents(model, docs, share_prefix=False, **kw)
-        assert sc.score_documents(model, docs, **kw) == shared  # HellaSwag shares by default
-        for s, p, r in zip(shared, plain, ref, strict=True):
-            assert s == pytest.approx(r, abs=2e-4) and p == pytest.approx(r, abs=2e-4)
-    # Truncated from the left: the shared prefix is what remains common after the cut.
-    max_len = max(len(x) for xs in inputs for x in xs) - 8
-    kw = {"batch_size": 4, "max_length": max_len, "pad_id": tok.pad_token_id}
-    cut_shared = sc.score_documents(model, docs, share_prefix=True, **kw)
-    cut_plain = sc.score_documents(model, docs, share_prefix=False, **kw)
-    for s, p in zip(cut_shared, cut_plain, strict=True):
-        assert s == pytest.approx(p, abs=2e-4)
+    finally:
+        model.config.sliding_window = None
+        model.set_attn_implementation("sdpa")
 
 
 def test_shared_prefix_length_stops_before_the_first_scored_position():
@@ -194,9 +209,9 @@ def test_lm_head_runs_on_the_scored_rows_only(loaded):
         assert rows == [torch.Size([6, 64])]  # 2 + 3 + 1 continuation tokens, one flat call
         rows.clear()
         sc.score_documents(model, docs, batch_size=8, max_length=2048, pad_id=0, share_prefix=True)
-        # The single-choice document goes plain (1 row); the shared one: its prefix pass keeps
-        # one row (logits_to_keep=1), its choices' pass the 5 scored rows.
-        assert sorted(s.numel() // 64 for s in rows) == [1, 1, 5], rows
+        # The single-choice document goes plain (1 row); the shared one is one packed sequence
+        # whose 5 scored rows go through the head.
+        assert sorted(s.numel() // 64 for s in rows) == [1, 5], rows
     finally:
         hook.remove()
 
