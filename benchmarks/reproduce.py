@@ -20,6 +20,11 @@ Stages per task T, each skipped when its committed output exists under ``--out``
   ablation (PIQA, --ablation): v2c with each other mask   -> T/pred/v2c-MASK.jsonl, compare-MASK.*
   online (PIQA, --online): v2c trained with both teachers resident, near-full vocabulary
                          (top-K = V - 1: the (K+1)-bin KL is then the full KL) -> T/pred/v2c-online.jsonl
+  tail (PIQA, --tail): v2c from a format-2 cache (top-8 + 40 sampled tail tokens, issue 13)
+                         -> T/pred/v2c-tail.jsonl
+  longer (PIQA, --longer N): v2c trained N times the profile's epochs   -> T/pred/v2c-xN.jsonl
+  train-pool eval (PIQA, --train-pool-eval): v1, v2 and every v2c scored on the examples the
+                         compat adapters trained on -> T/trainpool/
 Wall seconds of every stage that ran go to OUT/timings.json; the table to OUT/results.json.
 ``--profile paper`` (benchmarks/run_gpu_repro.sh) uses the paper's Table 7 sizes instead.
 """
@@ -312,7 +317,14 @@ def task_adapter(run: Run, task: str, cfg: Path, name: str, times: dict) -> None
 
 
 def predict(
-    run: Run, task: str, cfg: Path, model: str, out: Path, times: dict, adapter: Path | None = None
+    run: Run,
+    task: str,
+    cfg: Path,
+    model: str,
+    out: Path,
+    times: dict,
+    adapter: Path | None = None,
+    stage_name: str | None = None,
 ) -> None:
     s = run.sizes(task)
     cmd = [
@@ -341,13 +353,20 @@ def predict(
         cmd += ["--num-fewshot", str(s.num_fewshot)]
     done = Path(str(out) + ".done")  # the sidecar is written first: this marks the end
     out.parent.mkdir(parents=True, exist_ok=True)
-    if stage(run, f"{task}-predict-{out.stem}", cmd, done, times):
+    if stage(run, stage_name or f"{task}-predict-{out.stem}", cmd, done, times):
         done.touch()
 
 
-def cache_build(run: Run, task: str, cfg: Path, name: str, times: dict) -> Path:
+# Cache format 2 (issue 13): the recommendation of benchmarks/README.md ("Cache format 2"):
+# an exact top-8 head and 40 tail tokens sampled per position (~176 B, as much as top-20).
+TAIL_CACHE = {"top_k": 8, "tail_samples": 40}
+
+
+def cache_build(run: Run, task: str, cfg: Path, name: str, times: dict, tail=False) -> Path:
+    """The teacher ``name`` into ROOT/cache/T (top-64, format 1) or, with ``tail``, into
+    ROOT/cache/T-tail (format 2, :data:`TAIL_CACHE`)."""
     s = run.sizes(task)
-    cache = run.root / "cache" / task
+    cache = run.root / "cache" / (f"{task}-tail" if tail else task)
     done = cache / f".repro-{name}.done"
     cmd = [
         str(BIN / "muscle-cache"),
@@ -367,16 +386,35 @@ def cache_build(run: Run, task: str, cfg: Path, name: str, times: dict) -> Path:
         "--batch-size",
         str(run.profile.eval_batch),
     ]
-    if stage(run, f"{task}-cache-{name}", cmd, done, times):
+    if tail:
+        cmd += [
+            "--top-k",
+            str(TAIL_CACHE["top_k"]),
+            "--tail-samples",
+            str(TAIL_CACHE["tail_samples"]),
+        ]
+    if stage(run, f"{task}-cache{'-tail' if tail else ''}-{name}", cmd, done, times):
         done.touch()
     return cache
 
 
 def compat_adapter(
-    run: Run, task: str, cfg: Path, label: str, mask: str, ce: float, times: dict, online: bool
+    run: Run,
+    task: str,
+    cfg: Path,
+    label: str,
+    mask: str,
+    ce: float,
+    times: dict,
+    online: bool,
+    cache: Path | None = None,
+    epochs: int | None = None,
 ) -> Path:
-    """Train v2c (mask, ce weight) from the cache or online; returns its adapter dir."""
+    """Train v2c (mask, ce weight) from ``cache`` (default ROOT/cache/T) or online, for
+    ``epochs`` (default: the profile's compat_epochs); returns its adapter dir."""
     s = run.sizes(task)
+    if epochs is not None:
+        s = dataclasses.replace(s, compat_epochs=epochs)
     work = run.root / task / label
     cmd = [str(BIN / "muscle-train")]
     if online:
@@ -395,7 +433,7 @@ def compat_adapter(
             *common_data(run, task, s),
         ]
     else:
-        cmd += ["--cache", rel(run.root / "cache" / task)]
+        cmd += ["--cache", rel(cache or run.root / "cache" / task)]
     cmd += [
         "--out",
         rel(work),
@@ -428,11 +466,22 @@ def compare(run: Run, task: str, files: list[Path], stem: str, times: dict) -> d
         "--markdown",
         rel(j.with_suffix(".md")),
     ]
-    stage(run, f"{task}-{stem}", cmd, None, times)
+    stage(run, f"{task}-{stem.replace('/', '-')}", cmd, None, times)
     return json.loads(j.read_text())
 
 
-def variant(run: Run, task: str, cfg: Path, label: str, mask: str, ce: float, times, online=False):
+def variant(
+    run: Run,
+    task: str,
+    cfg: Path,
+    label: str,
+    mask: str,
+    ce: float,
+    times,
+    online=False,
+    cache: Path | None = None,
+    epochs: int | None = None,
+):
     """One v2c variant: train (unless its predictions or its adapter are committed), predict,
     compare. The main v2c's adapter is always committed; a variant's only by hand, when its
     predictions are left for a later session (they resume on the same adapter path)."""
@@ -446,7 +495,7 @@ def variant(run: Run, task: str, cfg: Path, label: str, mask: str, ce: float, ti
             print(f"[skip] {task}-train-{label}: {rel(kept)} exists", flush=True)
             adapter = kept
         else:
-            adapter = compat_adapter(run, task, cfg, label, mask, ce, times, online)
+            adapter = compat_adapter(run, task, cfg, label, mask, ce, times, online, cache, epochs)
             for log in ("train_log.jsonl", "muscle_run.json"):  # small records of the run
                 if (adapter / log).is_file():
                     shutil.copy2(adapter / log, run.out / task / "pred" / f"{label}.{log}")
@@ -460,7 +509,14 @@ def variant(run: Run, task: str, cfg: Path, label: str, mask: str, ce: float, ti
 
 
 def task_pipeline(
-    run: Run, task: str, times: dict, ablation: bool, online: bool, upto: str
+    run: Run,
+    task: str,
+    times: dict,
+    ablation: bool,
+    online: bool,
+    upto: str,
+    tail: bool = False,
+    longer: int | None = None,
 ) -> None:
     """Every stage of one task that is not finished yet (outputs under OUT/T, see collect)."""
     cfg = write_config(run, task)
@@ -482,9 +538,73 @@ def task_pipeline(
     variant(run, task, cfg, "v2c", "v2c_wrong", 0.0, times)
     if online:
         variant(run, task, cfg, "v2c-online", "v2c_wrong", 0.0, times, online=True)
+    if longer:
+        label = f"v2c-x{longer}"
+        epochs = run.sizes(task).compat_epochs * longer
+        variant(run, task, cfg, label, "v2c_wrong", 0.0, times, epochs=epochs)
+    if tail:
+        if not Path(f"{pred / 'v2c-tail'}.jsonl.done").exists():
+            for name in ("v1", "v2"):
+                cache_build(run, task, cfg, name, times, tail=True)
+        cache = run.root / "cache" / f"{task}-tail"
+        variant(run, task, cfg, "v2c-tail", "v2c_wrong", 0.0, times, cache=cache)
     if ablation:
         for mask, ce in ABLATION_MASKS:
             variant(run, task, cfg, f"v2c-{mask}", mask, ce, times)
+
+
+def train_pool_eval(run: Run, task: str, cfg: Path, times: dict) -> None:
+    """The explanation test of a null result: score v1, v2 and every v2c variant on the very
+    examples the compatibility adapters trained on (the training part of the pool). If v2c
+    avoids v2's regressions there but not on the test set, the method works as an optimiser
+    and what is missing is generalisation (pool size, epochs, rank); if not even there, the
+    training signal itself is too weak. -> OUT/T/trainpool/{pred/*.jsonl, compare-*.json}."""
+    sys.path.insert(0, str(REPO))
+    from muscle.tasks import get_task, load_examples, raw_records
+
+    s = run.sizes(task)
+    data = run.root / task / "trainpool-data"
+    t = get_task(task)
+    pool = load_examples(t, "train", data_dir=data_dir(run, task), max_examples=s.train_pool)
+    eval_file = data / task / {"piqa": "valid.jsonl"}[task]  # PIQA only: its eval file name
+    if not eval_file.is_file():
+        records = raw_records(t, "train", data_dir=data_dir(run, task))
+        eval_file.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(data_dir(run, task) / task / "train.jsonl", eval_file.parent / "train.jsonl")
+        tmp = eval_file.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(records[int(ex.id)]) + "\n" for ex in pool))
+        os.replace(tmp, eval_file)
+    out = run.out / task / "trainpool"
+    local = dataclasses.replace(run, data_dir=data, limit_test=None)
+    labels = {"v1": None, "v2": None, "v2c": None}
+    longer = sorted(p.name for p in (run.root / task).glob("v2c-x*") if p.is_dir())
+    for label in ["v2c-online", "v2c-tail", *longer] + [f"v2c-{m}" for m, _ in ABLATION_MASKS]:
+        for where in (run.out / task / "adapters" / label, run.root / task / label):
+            if (where / "adapter_model.safetensors").is_file():
+                labels[label] = where
+                break
+    model = {"v1": "v1", "v2": "v2"}
+    for label, adapter in labels.items():
+        predict(
+            local,
+            task,
+            cfg,
+            model.get(label, "v2c"),
+            out / "pred" / f"{label}.jsonl",
+            times,
+            adapter=adapter,
+            stage_name=f"{task}-trainpool-predict-{label}",
+        )
+    p = out / "pred"
+    for label in labels:
+        if label.startswith("v2c"):
+            compare(
+                run,
+                task,
+                [p / "v1.jsonl", p / "v2.jsonl", p / f"{label}.jsonl"],
+                f"trainpool/compare-{label}",
+                times,
+            )
 
 
 def ensure_v1(run: Run, times: dict) -> None:
@@ -539,6 +659,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ablation", action="store_true", help="PIQA mask ablation (paper Table 6)")
     ap.add_argument("--online", action="store_true", help="PIQA v2c trained online as well")
     ap.add_argument(
+        "--train-pool-eval",
+        action="store_true",
+        help="PIQA: score v1, v2 and the v2c variants on the compat training examples as well",
+    )
+    ap.add_argument(
+        "--longer",
+        type=int,
+        metavar="N",
+        help="PIQA v2c trained N times the profile's compat epochs as well (label v2c-xN)",
+    )
+    ap.add_argument(
+        "--tail",
+        action="store_true",
+        help="PIQA v2c trained from a format-2 cache as well (top-8 + 40 sampled tail tokens)",
+    )
+    ap.add_argument(
         "--upto",
         choices=["v1", "pair", "all"],
         default="all",
@@ -586,8 +722,17 @@ def main(argv: list[str] | None = None) -> None:
     for task in tasks:
         times: dict = {}
         task_pipeline(
-            run, task, times, a.ablation and task == "piqa", a.online and task == "piqa", a.upto
+            run,
+            task,
+            times,
+            a.ablation and task == "piqa",
+            a.online and task == "piqa",
+            a.upto,
+            tail=a.tail and task == "piqa",
+            longer=a.longer if task == "piqa" else None,
         )
+        if a.train_pool_eval and task == "piqa" and a.upto == "all":
+            train_pool_eval(run, task, write_config(run, task), times)
     results = collect(run.out)  # the committed files are the record, whoever made them
     results["sizes"] = {t: dataclasses.asdict(run.sizes(t)) for t in results["tasks"]}
     results["machine"] = machine()
@@ -606,9 +751,13 @@ def collect(out: Path) -> dict:
         if (tdir / "compare-v1-v2.json").is_file():
             r["report_v1_v2"] = json.loads((tdir / "compare-v1-v2.json").read_text())
             r["disagreement_v1_v2"] = disagreement(pred / "v1.jsonl", pred / "v2.jsonl")
-        for key, stem in (("report", "v2c"), ("online", "v2c-online")):
+        for key, stem in (("report", "v2c"), ("online", "v2c-online"), ("tail", "v2c-tail")):
             if (tdir / f"compare-{stem}.json").is_file():
                 r[key] = json.loads((tdir / f"compare-{stem}.json").read_text())
+        for f in sorted(tdir.glob("compare-v2c-x*.json")):  # --longer N
+            r.setdefault("longer", {})[f.stem.removeprefix("compare-v2c-")] = json.loads(
+                f.read_text()
+            )
         masks = [m for m, _ in ABLATION_MASKS if (tdir / f"compare-v2c-{m}.json").is_file()]
         if masks:
             r["ablation"] = {"v2c_wrong": r.get("report")} | {
@@ -672,7 +821,12 @@ def markdown(results: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for task, r in results.get("tasks", {}).items():
-        variants = {"v2c": r.get("report"), "v2c online": r.get("online")}
+        variants = {
+            "v2c": r.get("report"),
+            "v2c online": r.get("online"),
+            "v2c format 2": r.get("tail"),
+        }
+        variants |= {f"v2c {n} epochs": v for n, v in r.get("longer", {}).items()}
         variants |= {f"mask {m}": v for m, v in r.get("ablation", {}).items() if m != "v2c_wrong"}
         for label, rep in variants.items():
             if not rep or not rep.get("paper_row"):

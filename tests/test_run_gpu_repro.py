@@ -45,11 +45,11 @@ def test_paper_profile_runs_every_stage_and_resumes(tmp_path):
         "OMP_NUM_THREADS": "1",
         "DEADLINE_S": "1100",  # a loaded 2-core CI box; the GPU default is 540
     }
-    args = ("--limit-test", "8", "--online", "--ablation")
+    args = ("--limit-test", "8", "--online", "--ablation", "--tail", "--train-pool-eval")
     p = _run(env, *args)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     piqa = results / "piqa"
-    labels = ["v1", "v2", "v2c", "v2c-online"] + [
+    labels = ["v1", "v2", "v2c", "v2c-online", "v2c-tail"] + [
         f"v2c-{m}" for m in ("always_v1", "v1_correct", "token_ll", "seq_ll")
     ]
     rows = {}
@@ -76,13 +76,24 @@ def test_paper_profile_runs_every_stage_and_resumes(tmp_path):
     assert rep["nfr"] == pytest.approx(neg / 8)
     online = json.loads((piqa / "compare-v2c-online.json").read_text())["paper_row"]
     assert online["n"] == 8
+    tail = json.loads((piqa / "compare-v2c-tail.json").read_text())["paper_row"]
+    assert tail["n"] == 8
+    # the train-pool evaluation scored every model on the compat training examples: the
+    # fixture's 10 training lines, 80% of them (split_indices) -> 8
+    pool = piqa / "trainpool"
+    for label in labels:
+        f = pool / "pred" / f"{label}.jsonl"
+        assert len(f.read_text().splitlines()) == 8, label
+    assert json.loads((pool / "compare-v2c-tail.json").read_text())["paper_row"]["n"] == 8
     timings = json.loads((results / "timings.json").read_text())
     assert {"piqa-train-v1", "piqa-cache-v2", "piqa-train-v2c-online"} <= set(timings)
+    assert {"piqa-cache-tail-v1", "piqa-train-v2c-tail"} <= set(timings)
     assert (tmp_path / "out" / "results" / "piqa" / "pred" / "v2c.jsonl").is_file()  # copied out
     # a rerun finds every stage done and trains / predicts nothing
     p2 = _run(env, *args)
     assert p2.returncode == 0, p2.stdout[-3000:] + p2.stderr[-3000:]
-    assert "[run ] piqa-train" not in p2.stdout and "[run ] piqa-predict" not in p2.stdout
+    for ran in ("[run ] piqa-train-", "[run ] piqa-predict-", "[run ] piqa-trainpool-predict-"):
+        assert ran not in p2.stdout, ran
     assert "[skip] piqa-predict-v1:" in p2.stdout and "[skip] piqa-train+predict-v2c:" in p2.stdout
 
 
