@@ -58,7 +58,9 @@ _DEF_C = CompatConfig()
     help="Online mode: the new task model's name.",
 )
 @click.option(
-    "--dtype", default=None, help="Base weights dtype: float32 | bfloat16 | float16 | auto."
+    "--dtype",
+    default=None,
+    help="Base weights dtype: float32 | bfloat16 | float16 | auto (not with --cache: the cache's).",
 )
 @data_options(
     task_help="Task adapter training (or --online's task): piqa | hellaswag | gsm8k | samsum."
@@ -187,6 +189,11 @@ def cli(
         fused_head=fused_head,
     )
     if cache_path:
+        if dtype is not None:  # the student is v2 as the cache recorded it, dtype included
+            raise click.UsageError(
+                "--dtype does not apply to --cache: the student loads in the dtype the cache "
+                "recorded for v2; build the cache with muscle-cache build --dtype to change it"
+            )
         from muscle.compat_train import train_compat_from_cache
 
         res = train_compat_from_cache(
