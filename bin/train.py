@@ -60,7 +60,8 @@ _DEF_C = CompatConfig()
 @click.option(
     "--dtype",
     default=None,
-    help="Base weights dtype: float32 | bfloat16 | float16 | auto (not with --cache: the cache's).",
+    help="Base weights dtype: float32 | bfloat16 | float16 | auto (with --cache: the student's; "
+    "default the dtype the cache recorded for v2).",
 )
 @data_options(
     task_help="Task adapter training (or --online's task): piqa | hellaswag | gsm8k | samsum."
@@ -189,11 +190,6 @@ def cli(
         fused_head=fused_head,
     )
     if cache_path:
-        if dtype is not None:  # the student is v2 as the cache recorded it, dtype included
-            raise click.UsageError(
-                "--dtype does not apply to --cache: the student loads in the dtype the cache "
-                "recorded for v2; build the cache with muscle-cache build --dtype to change it"
-            )
         from muscle.compat_train import train_compat_from_cache
 
         res = train_compat_from_cache(
@@ -204,6 +200,7 @@ def cli(
             overwrite=overwrite,
             device=device,
             deepspeed_config=deepspeed_config,
+            student_dtype=dtype,
         )
         click.echo(
             f"compatibility adapter: {res.out_dir} (best epoch {res.best_epoch}, "

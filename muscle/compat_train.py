@@ -16,6 +16,7 @@ Same loop as task training (:func:`muscle.loop.fit`) through the same recipe
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -207,8 +208,12 @@ def train_compat_from_cache(
     device: str | None = None,
     deepspeed_config: str | Path | dict | None = None,
     stop_after_steps: int | None = None,
+    student_dtype: str | None = None,
 ) -> TrainResult:
     """``muscle-train --cache``: everything comes from the cache (v2 base + adapter, tokens, teachers).
+
+    ``student_dtype``: the student's weights dtype (``--dtype``); default: the dtype the cache
+    recorded for v2. The teachers' numbers are cached, so it may differ from the build's.
 
     ``deepspeed_config``: train through DeepSpeed (ZeRO 0-2), see :func:`muscle.loop.fit`.
     """
@@ -230,6 +235,8 @@ def train_compat_from_cache(
             "use one of those or rebuild the cache with --temperatures"
         )
     v2_spec = cache_teacher_spec(cache_path, "v2")
+    if student_dtype is not None:
+        v2_spec = dataclasses.replace(v2_spec, dtype=student_dtype)
     _check_v2_adapter(v2_spec)
     check_teacher_provenance(cache_path, "v2")
     tok = load_tokenizer(v2_spec)
@@ -245,6 +252,7 @@ def train_compat_from_cache(
         "cache": str(Path(cache_path).resolve()),
         "cache_id": reader.meta.get("dataset_fingerprint"),
         "v2": describe_model(v2_spec),
+        "student_dtype": v2_spec.dtype,  # a resume in another dtype is refused
         "compat": train_identity(compat_cfg),
         "train": train_identity(train_cfg),
     }

@@ -151,6 +151,32 @@ def test_golden_first_step_loss(update, tmp_path):
     assert logged["frac_v1"] == pytest.approx(sum(wrong) / len(wrong), abs=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_cache_training_student_dtype(update, tmp_path, monkeypatch, dtype):
+    """``--dtype`` with ``--cache`` sets the student's dtype (it used to be ignored: the student
+    always loaded in the dtype the cache recorded for v2, here float32); a resume in another
+    dtype is refused, since the run identity records it."""
+    import muscle.compat_train as ct
+
+    seen = []
+    real = ct.load_model
+
+    def spy(spec, *a, **kw):
+        model = real(spec, *a, **kw)
+        seen.append((spec.dtype, next(model.parameters()).dtype))
+        return model
+
+    monkeypatch.setattr(ct, "load_model", spy)
+    cfg = TrainConfig(lr=1e-3, epochs=1, batch_size=4, max_steps=1, seed=0)
+    run = tmp_path / "run"
+    train_compat_from_cache(update["cache"], run, train_cfg=cfg, student_dtype=dtype)
+    want = {None: ("float32", torch.float32), "bfloat16": ("bfloat16", torch.bfloat16)}[dtype]
+    assert seen and seen[0] == want
+    other = "float32" if dtype else "bfloat16"
+    with pytest.raises(MuscleError):
+        train_compat_from_cache(update["cache"], run, train_cfg=cfg, student_dtype=other)
+
+
 def v1_top1_logprob(model, reader: CacheReader) -> float:
     """Mean log-probability the model gives to v1's top-1 token (from the cache), validation."""
     total, n = 0.0, 0

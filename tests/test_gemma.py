@@ -296,22 +296,3 @@ def test_loglikelihoods_match_a_plain_forward(window):
                                  pad_id=tok.pad_token_id, share_prefix=share)  # fmt: skip
         flat = [x for d in got for x in d]
         assert flat == pytest.approx(ref, abs=1e-4), (share, flat, ref)
-
-
-# ---------------------------------------------------------------------------------------------
-# found while running Gemma 3 270M end to end (benchmarks/gemma_e2e.sh)
-
-
-def test_cache_training_refuses_dtype_instead_of_ignoring_it(tmp_path, capsys):
-    """``muscle-train --cache --dtype bfloat16`` used to train in the cache's recorded dtype
-    (float32) without a word; the student's dtype comes from the cache, so the flag is refused."""
-    from muscle.cli.train import main
-    from tiny import run_cli_main
-
-    code, _, err = run_cli_main(
-        main, ["--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "run"),
-               "--dtype", "bfloat16"], capsys,
-    )  # fmt: skip
-    assert code == 2
-    assert "--dtype does not apply to --cache" in err and "muscle-cache build --dtype" in err
-    assert not (tmp_path / "run").exists()
