@@ -499,7 +499,7 @@ def variant(
             for log in ("train_log.jsonl", "muscle_run.json"):  # small records of the run
                 if (adapter / log).is_file():
                     shutil.copy2(adapter / log, run.out / task / "pred" / f"{label}.{log}")
-            if label == "v2c":
+            if label == "v2c" or label.startswith("v2c-x"):  # v2c and the --longer ones
                 keep_adapter(adapter, kept)
                 adapter = kept
         # v2c's own adapter is the config's; the others are passed explicitly
