@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import click
 
+from muscle import MuscleError
 from muscle.cli_common import data_options, run_cli
 from muscle.config import DEFAULT_TOP_K, CompatConfig, DataConfig, LoraSpec, TrainConfig
 from muscle.masks import ALL_MASKS
@@ -169,6 +170,7 @@ def cli(
         raise click.UsageError(
             "choose one mode: --task T (task adapter), --cache PATH, or --online"
         )
+    _refuse_options_of_other_modes("cache" if cache_path else "online" if online else "task")
     train_cfg = TrainConfig(
         lr=lr,
         epochs=epochs,
@@ -269,6 +271,51 @@ def cli(
         f"task adapter: {res.out_dir} (best epoch {res.best_epoch}, "
         f"validation loss {res.best_val_loss:.4f}){' [already done]' if res.state != 'trained' else ''}"
     )
+
+
+# The options each mode reads beyond the loop's (--out, --epochs, --lr, ..., --device): an
+# option of another mode given on the command line would be silently ignored, so it is refused.
+_DATA = {"task", "source", "data_dir", "max_examples", "val_fraction", "split_seed", "max_length",
+         "truncation", "answer_only"}  # fmt: skip
+_COMPAT = {"temperature", "mask", "ce_weight", "t2_scale", "impl", "fused_head"}
+_MODE_OPTIONS = {
+    "task": _DATA
+    | {
+        "base",
+        "adapter",
+        "config_path",
+        "model_name",
+        "lora_r",
+        "lora_alpha",
+        "lora_dropout",
+    },  # fmt: skip
+    "cache": _COMPAT | {"cache_path"},  # the cache fixes the data, the models and v2's adapter
+    "online": _DATA | _COMPAT | {"online", "config_path", "v1_name", "v2_name", "top_k"},
+}
+_MODE_ONLY = set().union(*_MODE_OPTIONS.values())
+
+
+def _refuse_options_of_other_modes(mode: str) -> None:
+    ctx = click.get_current_context()
+    given = [
+        p
+        for p in ctx.command.params
+        if p.name in _MODE_ONLY - _MODE_OPTIONS[mode]
+        and ctx.get_parameter_source(p.name) is click.core.ParameterSource.COMMANDLINE
+    ]
+    if given:
+        flags = ", ".join(p.opts[0] for p in given)
+        what = {"task": "task adapter training (--task)", "cache": "--cache training",
+                "online": "--online training"}[mode]  # fmt: skip
+        raise MuscleError(
+            f"{flags} {'does' if len(given) == 1 else 'do'} not apply to {what}; drop "
+            f"{'it' if len(given) == 1 else 'them'}"
+            + (
+                " (the cache fixes the data, the models and v2's adapter)"
+                if mode == "cache"
+                else ""
+            )
+        )
 
 
 main = run_cli(cli)

@@ -369,6 +369,30 @@ def test_bad_training_values_are_refused_up_front(base_dir, tmp_path, capsys, fl
     assert not out.exists()  # refused before anything is written
 
 
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--cache", "c", "--max-examples", "10"], "--max-examples does not apply to --cache"),
+        (
+            ["--cache", "c", "--lora-r", "4", "--base", "b"],
+            "--base, --lora-r do not apply to --cache",
+        ),
+        (["--task", "piqa", "--base", "b", "--mask", "always_v1"], "--mask does not apply to task"),
+        (
+            ["--online", "--config", "u.toml", "--task", "piqa", "--lora-r", "4"],
+            "--lora-r does not",
+        ),
+    ],
+)
+def test_options_of_another_mode_are_refused(tmp_path, capsys, args, needle):
+    """An option the chosen mode does not read is refused, not silently ignored (e.g.
+    ``--max-examples`` with ``--cache``, whose data is fixed by the cache)."""
+    out = tmp_path / "out"
+    code, _, err = run_cli_main(train_main, [*args, "--out", str(out)], capsys)
+    assert_one_line_error(code, err, needle)
+    assert not out.exists()
+
+
 def test_bad_training_values_in_the_library(tmp_path):
     from muscle import MuscleError
 
