@@ -36,6 +36,7 @@ import dataclasses
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -517,8 +518,13 @@ def task_pipeline(
     upto: str,
     tail: bool = False,
     longer: int | None = None,
+    masks: tuple[str, ...] | None = None,
 ) -> None:
-    """Every stage of one task that is not finished yet (outputs under OUT/T, see collect)."""
+    """Every stage of one task that is not finished yet (outputs under OUT/T, see collect).
+
+    ``masks``: the ablation's masks (default all of :data:`ABLATION_MASKS`); with ``longer``
+    each of them is also trained for ``longer`` times the epochs (label v2c-MASK-xN)."""
+    ablation_masks = [(m, ce) for m, ce in ABLATION_MASKS if masks is None or m in masks]
     cfg = write_config(run, task)
     pred = run.out / task / "pred"
     for name in ("v1",) if upto == "v1" else ("v2", "v1"):  # v2 first: it needs no healed v1
@@ -531,7 +537,10 @@ def task_pipeline(
     compare(run, task, [pred / "v1.jsonl", pred / "v2.jsonl"], "compare-v1-v2", times)
     if upto == "pair":
         return
-    labels = ["v2c"] + ["v2c-online"] * online + [f"v2c-{m}" for m, _ in ABLATION_MASKS] * ablation
+    labels = ["v2c"] + ["v2c-online"] * online + [f"v2c-{m}" for m, _ in ablation_masks] * ablation
+    if longer:
+        labels += [f"v2c-x{longer}"] + [f"v2c-{m}-x{longer}" for m, _ in ablation_masks] * ablation
+        labels += [f"v2c-tail-x{longer}"] * tail
     if not all(Path(f"{pred / label}.jsonl.done").exists() for label in labels):
         for name in ("v1", "v2"):  # only when some v2c is still to train (tens of MB, rebuilt)
             cache_build(run, task, cfg, name, times)
@@ -543,14 +552,23 @@ def task_pipeline(
         epochs = run.sizes(task).compat_epochs * longer
         variant(run, task, cfg, label, "v2c_wrong", 0.0, times, epochs=epochs)
     if tail:
-        if not Path(f"{pred / 'v2c-tail'}.jsonl.done").exists():
+        tail_labels = ["v2c-tail"] + [f"v2c-tail-x{longer}"] * bool(longer)
+        if not all(Path(f"{pred / label}.jsonl.done").exists() for label in tail_labels):
             for name in ("v1", "v2"):
                 cache_build(run, task, cfg, name, times, tail=True)
         cache = run.root / "cache" / f"{task}-tail"
         variant(run, task, cfg, "v2c-tail", "v2c_wrong", 0.0, times, cache=cache)
     if ablation:
-        for mask, ce in ABLATION_MASKS:
+        for mask, ce in ablation_masks:
             variant(run, task, cfg, f"v2c-{mask}", mask, ce, times)
+            if longer:
+                epochs = run.sizes(task).compat_epochs * longer
+                variant(run, task, cfg, f"v2c-{mask}-x{longer}", mask, ce, times, epochs=epochs)
+    if tail and longer:  # the format-2 v2c trained longer too (last: the costliest to lose)
+        epochs = run.sizes(task).compat_epochs * longer
+        cache = run.root / "cache" / f"{task}-tail"
+        label = f"v2c-tail-x{longer}"
+        variant(run, task, cfg, label, "v2c_wrong", 0.0, times, cache=cache, epochs=epochs)
 
 
 def train_pool_eval(run: Run, task: str, cfg: Path, times: dict) -> None:
@@ -577,7 +595,9 @@ def train_pool_eval(run: Run, task: str, cfg: Path, times: dict) -> None:
     out = run.out / task / "trainpool"
     local = dataclasses.replace(run, data_dir=data, limit_test=None)
     labels = {"v1": None, "v2": None, "v2c": None}
-    longer = sorted(p.name for p in (run.root / task).glob("v2c-x*") if p.is_dir())
+    longer = sorted(  # the --longer runs: v2c-xN, v2c-MASK-xN
+        p.name for p in (run.root / task).glob("v2c-*") if re.fullmatch(r"v2c-(.+-)?x\d+", p.name)
+    )
     for label in ["v2c-online", "v2c-tail", *longer] + [f"v2c-{m}" for m, _ in ABLATION_MASKS]:
         for where in (run.out / task / "adapters" / label, run.root / task / label):
             if (where / "adapter_model.safetensors").is_file():
@@ -657,6 +677,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--tasks", default="piqa", help="comma-separated: piqa,hellaswag,samsum,gsm8k")
     ap.add_argument("--ablation", action="store_true", help="PIQA mask ablation (paper Table 6)")
+    ap.add_argument(
+        "--masks",
+        help=f"the ablation's masks, comma-separated (default all: "
+        f"{','.join(m for m, _ in ABLATION_MASKS)})",
+    )
     ap.add_argument("--online", action="store_true", help="PIQA v2c trained online as well")
     ap.add_argument(
         "--train-pool-eval",
@@ -694,6 +719,13 @@ def main(argv: list[str] | None = None) -> None:
     if a.table:
         print(markdown(collect(a.out)))
         return
+    masks = tuple(m.strip() for m in a.masks.split(",") if m.strip()) if a.masks else None
+    unknown = sorted(set(masks or ()) - {m for m, _ in ABLATION_MASKS})
+    if unknown:
+        usage_error(
+            f"unknown ablation mask(s) {', '.join(unknown)}: choose from "
+            f"{', '.join(m for m, _ in ABLATION_MASKS)}"
+        )
     tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
     bad = [t for t in tasks if t not in CPU.tasks]
     if bad:
@@ -730,6 +762,7 @@ def main(argv: list[str] | None = None) -> None:
             a.upto,
             tail=a.tail and task == "piqa",
             longer=a.longer if task == "piqa" else None,
+            masks=masks,
         )
         if a.train_pool_eval and task == "piqa" and a.upto == "all":
             train_pool_eval(run, task, write_config(run, task), times)
@@ -754,6 +787,8 @@ def collect(out: Path) -> dict:
         for key, stem in (("report", "v2c"), ("online", "v2c-online"), ("tail", "v2c-tail")):
             if (tdir / f"compare-{stem}.json").is_file():
                 r[key] = json.loads((tdir / f"compare-{stem}.json").read_text())
+        for f in sorted(tdir.glob("compare-v2c-tail-x*.json")):  # --tail --longer N
+            r.setdefault("tail_longer", {})[f.stem.rsplit("-", 1)[1]] = json.loads(f.read_text())
         for f in sorted(tdir.glob("compare-v2c-x*.json")):  # --longer N
             r.setdefault("longer", {})[f.stem.removeprefix("compare-v2c-")] = json.loads(
                 f.read_text()
@@ -763,6 +798,12 @@ def collect(out: Path) -> dict:
             r["ablation"] = {"v2c_wrong": r.get("report")} | {
                 m: json.loads((tdir / f"compare-v2c-{m}.json").read_text()) for m in masks
             }
+        for m, _ in ABLATION_MASKS:  # --ablation --longer N: the masks trained N times longer
+            for f in sorted(tdir.glob(f"compare-v2c-{m}-x*.json")):
+                key = f"{m} {f.stem.rsplit('-', 1)[1]}"
+                r.setdefault("ablation", {"v2c_wrong": r.get("report")})[key] = json.loads(
+                    f.read_text()
+                )
         if r:
             tasks[tdir.name] = r
     return {"tasks": tasks}
@@ -826,7 +867,10 @@ def markdown(results: dict) -> str:
             "v2c online": r.get("online"),
             "v2c format 2": r.get("tail"),
         }
-        variants |= {f"v2c {n} epochs": v for n, v in r.get("longer", {}).items()}
+        variants |= {f"v2c ×{n[1:]} epochs": v for n, v in r.get("longer", {}).items()}
+        variants |= {
+            f"v2c format 2 ×{n[1:]} epochs": v for n, v in r.get("tail_longer", {}).items()
+        }
         variants |= {f"mask {m}": v for m, v in r.get("ablation", {}).items() if m != "v2c_wrong"}
         for label, rep in variants.items():
             if not rep or not rep.get("paper_row"):
