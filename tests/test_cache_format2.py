@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_compat import random_adapter
 from test_teacher_cache import assert_same_cache
 
 from muscle import MuscleError
@@ -34,7 +33,7 @@ from muscle.teacher_cache import (
     render_inspect,
     verify_cache,
 )
-from tiny import EMBEDDED_DATA, make_model_dir, run_cli_main
+from tiny import EMBEDDED_DATA, make_model_dir, random_adapter, run_cli_main
 
 K, M, V = 16, 8, 600  # tiny models: vocabulary 600 (tests/tiny.py)
 DATA = DataConfig(task="piqa", data_dir=str(EMBEDDED_DATA), max_examples=40, max_length=96)

@@ -9,7 +9,6 @@ identity).
 
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,18 +21,22 @@ from muscle.config import CompatConfig, DataConfig, LoraSpec, ModelSpec, TrainCo
 from muscle.data import encode_examples, iter_batches
 from muscle.loop import CrossEntropyObjective, enable_gradient_checkpointing
 from muscle.models import (
-    attach_lora,
-    base_fingerprint,
     load_adapter,
     load_base,
     load_model,
-    save_adapter,
 )
 from muscle.run_dir import RunDir, read_log, train_identity
 from muscle.tasks import get_task, load_examples
 from muscle.teacher_cache import CacheConfig, CacheReader, build_cache
 from muscle.train import train_task_adapter
-from tiny import EMBEDDED_DATA, build_tokenizer, make_model_dir, run_cli_main
+from tiny import (
+    EMBEDDED_DATA,
+    build_tokenizer,
+    make_model_dir,
+    random_adapter,
+    random_lora,
+    run_cli_main,
+)
 
 K = 16
 LORA = LoraSpec(r=8, alpha=16.0)  # float, as the CLI passes it (the identity tells 16 from 16.0)
@@ -42,25 +45,6 @@ CFG = TrainConfig(lr=1e-2, epochs=3, grad_accum=2, warmup_steps=2, batch_size=8,
 
 
 # ------------------------------------------------------------------------------ helpers
-
-
-def random_lora(base_dir: Path, seed: int):
-    """A trainable LoRA with non-zero B: with B = 0 (a fresh LoRA) every A gradient is zero,
-    and a comparison of zeros would prove nothing."""
-    torch.manual_seed(seed)
-    model = attach_lora(load_base(ModelSpec(str(base_dir))), LoraSpec(r=4, alpha=8))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    return model
-
-
-def save_random_adapter(base_dir: Path, out: Path, seed: int) -> Path:
-    spec = ModelSpec(str(base_dir))
-    sidecar = {"base": {"path": str(base_dir), "fingerprint": base_fingerprint(spec)}}
-    save_adapter(random_lora(base_dir, seed), out, sidecar)
-    return out
 
 
 def piqa_batch(max_examples: int, max_length: int, batch_size: int = 4) -> dict:
@@ -146,8 +130,8 @@ def update(tmp_path_factory):
     data = DataConfig(task="piqa", data_dir=str(EMBEDDED_DATA), max_examples=40, max_length=96)
     b1 = make_model_dir(root / "base1", seed=0, init_std=0.15)
     b2 = make_model_dir(root / "base2", seed=1, init_std=0.15)
-    v1 = ModelSpec(str(b1), str(save_random_adapter(b1, root / "a1", 10)))
-    v2 = ModelSpec(str(b2), str(save_random_adapter(b2, root / "a2", 11)))
+    v1 = ModelSpec(str(b1), str(random_adapter(b1, root / "a1", 10)))
+    v2 = ModelSpec(str(b2), str(random_adapter(b2, root / "a2", 11)))
     cache_cfg = CacheConfig(k=K, chunk_tokens=256, shard_chunks=2)
     build_cache(root / "cache", "v1", v1, data, cache_cfg, progress=False)
     build_cache(root / "cache", "v2", v2, data, cache_cfg, progress=False)

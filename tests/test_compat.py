@@ -18,38 +18,20 @@ from muscle.compat_train import (
     train_compat_from_cache,
     train_compat_online,
 )
-from muscle.config import CompatConfig, DataConfig, LoraSpec, ModelSpec, TrainConfig
+from muscle.config import CompatConfig, DataConfig, ModelSpec, TrainConfig
 from muscle.data import IGNORE_INDEX, encode_examples, iter_batches
 from muscle.models import (
-    attach_lora,
-    base_fingerprint,
     load_adapter,
     load_base,
     load_model,
-    save_adapter,
 )
 from muscle.tasks import get_task, load_examples
 from muscle.teacher_cache import CacheConfig, CacheReader, build_cache
-from tiny import EMBEDDED_DATA, build_tokenizer, make_model_dir
+from tiny import EMBEDDED_DATA, build_tokenizer, make_model_dir, random_adapter
 
 K = 16
 DATA = DataConfig(task="piqa", data_dir=str(EMBEDDED_DATA), max_examples=40, max_length=96)
 CACHE_CFG = CacheConfig(k=K, chunk_tokens=256, shard_chunks=2)
-
-
-def random_adapter(base_dir: Path, out: Path, seed: int) -> Path:
-    """A LoRA with non-zero B (so it changes the model), saved with muscle's sidecar."""
-    torch.manual_seed(seed)
-    spec = ModelSpec(str(base_dir))
-    model = attach_lora(load_base(spec), LoraSpec(r=4, alpha=8))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    save_adapter(
-        model, out, {"base": {"path": str(base_dir), "fingerprint": base_fingerprint(spec)}}
-    )
-    return out
 
 
 @pytest.fixture(scope="module")

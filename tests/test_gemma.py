@@ -31,7 +31,7 @@ from muscle.fused_head import (
     head_inputs,
     probe_fused_head,
 )
-from tiny import EMBEDDED_DATA, build_tokenizer
+from tiny import EMBEDDED_DATA, build_tokenizer, random_adapter
 
 IGNORE = -100
 
@@ -173,23 +173,6 @@ def _save_gemma_dir(path, vocab: int, seed: int):
     return path
 
 
-def _random_adapter(base_dir, out, seed: int):
-    from muscle.config import LoraSpec, ModelSpec
-    from muscle.models import attach_lora, base_fingerprint, load_base, save_adapter
-
-    torch.manual_seed(seed)
-    spec = ModelSpec(str(base_dir))
-    model = attach_lora(load_base(spec), LoraSpec(r=4, alpha=8))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    save_adapter(
-        model, out, {"base": {"path": str(base_dir), "fingerprint": base_fingerprint(spec)}}
-    )
-    return out
-
-
 @pytest.fixture(scope="module")
 def big_vocab_cache(tmp_path_factory):
     from muscle.config import DataConfig, ModelSpec
@@ -198,8 +181,8 @@ def big_vocab_cache(tmp_path_factory):
     v = 70_000
     root = tmp_path_factory.mktemp("gemma")
     base = _save_gemma_dir(root / "base", v, seed=0)
-    v1 = ModelSpec(str(base), str(_random_adapter(base, root / "a1", 10)))
-    v2 = ModelSpec(str(base), str(_random_adapter(base, root / "a2", 11)))
+    v1 = ModelSpec(str(base), str(random_adapter(base, root / "a1", 10)))
+    v2 = ModelSpec(str(base), str(random_adapter(base, root / "a2", 11)))
     data = DataConfig(task="piqa", data_dir=str(EMBEDDED_DATA), max_examples=12, max_length=48)
     cfg = CacheConfig(k=8, chunk_tokens=128, shard_chunks=2)
     cache = root / "cache"

@@ -30,11 +30,10 @@ import muscle.run_dir as run_dir_mod
 from muscle.cli.train import main as train_main
 from muscle.compat_train import train_compat_from_cache
 from muscle.config import CompatConfig, DataConfig, LoraSpec, ModelSpec, TrainConfig
-from muscle.fingerprints import base_fingerprint
-from muscle.models import SIDECAR, attach_lora, load_base, save_adapter
+from muscle.models import SIDECAR
 from muscle.run_dir import RunDir, read_log
 from muscle.train import train_task_adapter
-from tiny import EMBEDDED_DATA, make_model_dir, run_cli_main
+from tiny import EMBEDDED_DATA, make_model_dir, random_adapter, run_cli_main
 
 LORA = LoraSpec(r=4, alpha=8.0)
 # 40 examples -> 32 train / 8 validation; batch 8 -> 4 batches = 4 steps per epoch. With
@@ -56,18 +55,6 @@ class Killed(BaseException):
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     return make_model_dir(tmp_path_factory.mktemp("base") / "m", seed=0)
-
-
-def random_adapter(base: Path, out: Path, seed: int) -> Path:
-    torch.manual_seed(seed)
-    spec = ModelSpec(str(base))
-    model = attach_lora(load_base(spec), LoraSpec(r=4, alpha=8))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    save_adapter(model, out, {"base": {"path": str(base), "fingerprint": base_fingerprint(spec)}})
-    return out
 
 
 @pytest.fixture(scope="module")

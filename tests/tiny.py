@@ -118,3 +118,31 @@ def run_cli_main(main, args, capsys):
         code = e.code
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def random_lora(base_dir: Path, seed: int):
+    """A trainable LoRA (r = 4) on ``base_dir`` with non-zero B: with B = 0 (a fresh LoRA) it
+    would not change the model and every A gradient would be zero."""
+    import torch
+
+    from muscle.config import LoraSpec, ModelSpec
+    from muscle.models import attach_lora, load_base
+
+    torch.manual_seed(seed)
+    model = attach_lora(load_base(ModelSpec(str(base_dir))), LoraSpec(r=4, alpha=8))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return model
+
+
+def random_adapter(base_dir: Path, out: Path, seed: int) -> Path:
+    """:func:`random_lora` saved as an adapter directory with muscle's sidecar."""
+    from muscle.config import ModelSpec
+    from muscle.models import base_fingerprint, save_adapter
+
+    spec = ModelSpec(str(base_dir))
+    sidecar = {"base": {"path": str(base_dir), "fingerprint": base_fingerprint(spec)}}
+    save_adapter(random_lora(base_dir, seed), out, sidecar)
+    return out
