@@ -273,7 +273,7 @@ def child(args) -> None:
         seed=0,
         gradient_checkpointing=args.gradient_checkpointing,
     )
-    ccfg = CompatConfig(temperature=TEMPERATURE, mask="v2c_wrong")
+    ccfg = CompatConfig(temperature=TEMPERATURE, mask="v2c_wrong", fused_head=args.fused_head)
     out = Path(args.run_dir)
     shutil.rmtree(out, ignore_errors=True)
     if cuda:
@@ -358,6 +358,7 @@ def run_child(args, mode: str, setup_json: Path, run_dir: Path) -> dict:
     ]
     if args.gradient_checkpointing:
         cmd.append("--gradient-checkpointing")
+    cmd.append("--fused-head" if args.fused_head else "--no-fused-head")
     env = os.environ | {
         "TQDM_DISABLE": "1",
         "PYTHONPATH": str(REPO),
@@ -408,6 +409,13 @@ def main() -> None:
         action="store_true",
         help="train with activation checkpointing in both modes (noted in the CSV's note column)",
     )
+    ap.add_argument(
+        "--fused-head",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the student's LM head fused with the loss in both modes (the trainer's default; "
+        "noted in the CSV's note column)",
+    )
     ap.add_argument("--child", choices=["cache", "online"], help=argparse.SUPPRESS)
     ap.add_argument("--setup-json", help=argparse.SUPPRESS)
     ap.add_argument("--run-dir", help=argparse.SUPPRESS)
@@ -451,6 +459,7 @@ def main() -> None:
 
     date = datetime.date.today().isoformat()
     gc_note = "gradient checkpointing on; " if args.gradient_checkpointing else ""
+    gc_note += f"fused head {'on' if args.fused_head else 'off'}; "
     mach = machine() if args.device == "cpu" else args.device
     fields = [
         "date",
@@ -506,7 +515,8 @@ def main() -> None:
     c_b, o_b = med("cache", "base_rss_mb"), med("online", "base_rss_mb")
     print(
         f"\nmachine: {mach}; {args.model}; {args.steps} steps x batch {args.batch_size}; {args.rounds} rounds; "
-        f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}"
+        f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}; "
+        f"fused head {'on' if args.fused_head else 'off'}"
     )
     print(
         "| model | mode | tokens/s (median) | peak RSS MB | RSS above imports MB | training-phase HWM MB |"
