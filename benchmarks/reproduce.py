@@ -359,7 +359,7 @@ def predict(
 
 
 # Cache format 2 (issue 13): the recommendation of benchmarks/README.md ("Cache format 2"):
-# an exact top-8 head and 40 tail tokens sampled per position (~176 B, as much as top-20).
+# an exact top-8 head and 40 tail tokens sampled per position (~176 B compressed, as top-64).
 TAIL_CACHE = {"top_k": 8, "tail_samples": 40}
 
 
