@@ -94,16 +94,15 @@ def logits_at(
     keep: torch.Tensor,
     *,
     position_ids: torch.Tensor | None = None,
-    cache=None,
 ) -> torch.Tensor:
     """Logits at the True positions of ``keep`` (B, T) bool, flattened row-major: (n, V).
 
-    ``attention_mask`` covers the cache's columns and then the new ones, (B, cached + T);
-    None for unpadded or right-padded rows without a cache.
+    ``attention_mask``: (B, T), or an additive (B, 1, T, T) mask (packed documents); None for
+    unpadded or right-padded rows.
     The LM head runs on the kept rows only where the model supports it; otherwise the full
     (B, T, V) logits are computed and the rows selected.
     """
-    kw = {"input_ids": input_ids, "attention_mask": attention_mask, **_cache_kwargs(model, cache)}
+    kw = {"input_ids": input_ids, "attention_mask": attention_mask, **_cache_kwargs(model, None)}
     if position_ids is not None:
         kw["position_ids"] = position_ids
     n = int(keep.sum())
