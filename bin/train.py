@@ -278,17 +278,10 @@ def cli(
 _DATA = {"task", "source", "data_dir", "max_examples", "val_fraction", "split_seed", "max_length",
          "truncation", "answer_only"}  # fmt: skip
 _COMPAT = {"temperature", "mask", "ce_weight", "t2_scale", "impl", "fused_head"}
+_MODELS = {"base", "adapter", "config_path", "model_name"}  # task mode's model options
+_LORA = {"lora_r", "lora_alpha", "lora_dropout"}
 _MODE_OPTIONS = {
-    "task": _DATA
-    | {
-        "base",
-        "adapter",
-        "config_path",
-        "model_name",
-        "lora_r",
-        "lora_alpha",
-        "lora_dropout",
-    },  # fmt: skip
+    "task": _DATA | _MODELS | _LORA,
     "cache": _COMPAT | {"cache_path"},  # the cache fixes the data, the models and v2's adapter
     "online": _DATA | _COMPAT | {"online", "config_path", "v1_name", "v2_name", "top_k"},
 }
