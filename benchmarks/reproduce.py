@@ -22,7 +22,8 @@ Stages per task T, each skipped when its committed output exists under ``--out``
                          (top-K = V - 1: the (K+1)-bin KL is then the full KL) -> T/pred/v2c-online.jsonl
   tail (PIQA, --tail): v2c from a format-2 cache (top-8 + 40 sampled tail tokens, issue 13)
                          -> T/pred/v2c-tail.jsonl
-  longer (PIQA, --longer N): v2c trained N times the profile's epochs   -> T/pred/v2c-xN.jsonl
+  longer (--longer N): v2c trained N times the profile's epochs, before v2c itself
+                         -> T/pred/v2c-xN.jsonl
   train-pool eval (PIQA, --train-pool-eval): v1, v2 and every v2c scored on the examples the
                          compat adapters trained on -> T/trainpool/
 Wall seconds of every stage that ran go to OUT/timings.json; the table to OUT/results.json.
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import json
 import os
 import platform
@@ -202,9 +204,11 @@ def stale(lock: Path) -> bool:
 
 def record_time(run: Run, name: str, seconds: float) -> None:
     f = run.out / "timings.json"
-    t = json.loads(f.read_text()) if f.is_file() else {}
-    t[name] = {"seconds": seconds, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **load()}
-    write_json(f, t)
+    with open(run.root / "logs" / "timings.lock", "w") as lk:  # two invocations: no lost row
+        fcntl.flock(lk, fcntl.LOCK_EX)
+        t = json.loads(f.read_text()) if f.is_file() else {}
+        t[name] = {"seconds": seconds, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **load()}
+        write_json(f, t)
 
 
 def write_json(f: Path, obj) -> None:
@@ -544,13 +548,13 @@ def task_pipeline(
     if not all(Path(f"{pred / label}.jsonl.done").exists() for label in labels):
         for name in ("v1", "v2"):  # only when some v2c is still to train (tens of MB, rebuilt)
             cache_build(run, task, cfg, name, times)
-    variant(run, task, cfg, "v2c", "v2c_wrong", 0.0, times)
-    if online:
-        variant(run, task, cfg, "v2c-online", "v2c_wrong", 0.0, times, online=True)
-    if longer:
+    if longer:  # first: on PIQA one epoch proved under-trained, so this is the row that matters
         label = f"v2c-x{longer}"
         epochs = run.sizes(task).compat_epochs * longer
         variant(run, task, cfg, label, "v2c_wrong", 0.0, times, epochs=epochs)
+    variant(run, task, cfg, "v2c", "v2c_wrong", 0.0, times)
+    if online:
+        variant(run, task, cfg, "v2c-online", "v2c_wrong", 0.0, times, online=True)
     if tail:
         tail_labels = ["v2c-tail"] + [f"v2c-tail-x{longer}"] * bool(longer)
         if not all(Path(f"{pred / label}.jsonl.done").exists() for label in tail_labels):
@@ -692,7 +696,7 @@ def main(argv: list[str] | None = None) -> None:
         "--longer",
         type=int,
         metavar="N",
-        help="PIQA v2c trained N times the profile's compat epochs as well (label v2c-xN)",
+        help="v2c trained N times the profile's compat epochs as well (label v2c-xN), every task",
     )
     ap.add_argument(
         "--tail",
@@ -761,7 +765,7 @@ def main(argv: list[str] | None = None) -> None:
             a.online and task == "piqa",
             a.upto,
             tail=a.tail and task == "piqa",
-            longer=a.longer if task == "piqa" else None,
+            longer=a.longer,
             masks=masks,
         )
         if a.train_pool_eval and task == "piqa" and a.upto == "all":
