@@ -206,7 +206,7 @@ def measure_batch(models, batch, bi, plan: Plan, sink: dict, arrays: dict, seed:
     labels = batch["labels"].reshape(-1)[rows]
     n = len(rows)
     with torch.no_grad():
-        zt = {t: student_logits(models[t], batch, rows).float() for t in ("v1", "v2")}
+        zt = {t: student_logits(models[t], batch).float() for t in ("v1", "v2")}
     student, lora = models["student"], models["lora"]
     h = final_hidden_at(student, batch, rows)  # (n, d) with grad into the LoRA parameters
     head, why = find_lm_head(student)

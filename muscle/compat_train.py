@@ -119,7 +119,7 @@ class CompatObjective:
                 logit_softcap=head.logit_softcap, **options,
             )  # fmt: skip
         else:
-            z = student_logits(model, batch, rows)  # (n, V)
+            z = student_logits(model, batch)  # (n, V)
             loss, stats = masked_kl_with_stats(z, labels, *teachers, **options)
         self._announce(stats.estimator)
         s = _stats_dict(stats.as_dict())
@@ -331,7 +331,7 @@ class LiveTeachers:
         from muscle.topk import teacher_topk
 
         labels = batch["labels"]  # (B, T)
-        z = logits_at(model, batch, keep, rows)  # (n, V)
+        z = logits_at(model, batch["input_ids"], batch["attention_mask"], keep)  # (n, V)
         tk = teacher_topk(z, labels.reshape(-1)[rows], self.k, temperatures=(self.T, 1.0))
         B, T = labels.shape
         ids = torch.zeros(B, T, self.k, dtype=tk.ids.dtype, device=z.device)

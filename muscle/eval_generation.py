@@ -28,13 +28,15 @@ window computes bit-identical text every time.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from muscle import MuscleError
-from muscle.eval_scoring import _cache_kwargs, _forward_params, device_of
+from muscle.eval_scoring import device_of
+from muscle.forward import unwrap_model
 
 # Encode a prefix once only if it is at least this long (below, the extra copies cost more
 # than the tokens saved).
@@ -146,6 +148,22 @@ class SlotCache(Cache):
 
 def _layers_kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+_FORWARD_PARAMS: dict[type, frozenset[str]] = {}
+
+
+def _forward_params(model) -> frozenset[str]:
+    cls = type(unwrap_model(model))
+    if cls not in _FORWARD_PARAMS:
+        _FORWARD_PARAMS[cls] = frozenset(inspect.signature(cls.forward).parameters)
+    return _FORWARD_PARAMS[cls]
+
+
+def _cache_kwargs(model, cache: Cache) -> dict:
+    # transformers renamed past_key_values to cache (5.x; the old name is deprecated).
+    name = "cache" if "cache" in _forward_params(model) else "past_key_values"
+    return {name: cache, "use_cache": True}
 
 
 # ------------------------------------------------------------------------------ engine

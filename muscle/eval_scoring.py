@@ -21,8 +21,8 @@ same numbers:
   token positions against 43k packed and 87k unshared, with twice the passes of packing.)
   It pays when contexts are long against the continuations (HellaSwag: a 29-token context,
   four 14-token endings, half the tokens saved) and little when they are short (PIQA: a
-  14-token context, two 23-token solutions, 18% saved, eaten up by the longer attention rows
-  and the mask; measured in ``benchmarks/bench_eval.py``). ``share_prefix=None`` decides per
+  14-token context, two 23-token solutions, 18% saved, about what the longer attention rows
+  and the mask cost: a wash in ``benchmarks/bench_eval.py``'s profile). ``share_prefix=None`` decides per
   call from the token counts: share when at least :data:`SHARE_MIN_SAVING` of the tokens
   would be saved. Models whose attention does not read a custom mask (flash-attention) or
   whose sliding window is shorter than a packed document are scored unshared.
@@ -33,7 +33,6 @@ bit-identical numbers (what makes a resumed ``predict`` byte-identical to a clea
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -41,6 +40,7 @@ import torch
 
 from muscle import MuscleError
 from muscle.data import split_context_answer
+from muscle.forward import logits_at, unwrap_model
 
 # Share the context of a document's choices when that saves at least this fraction of the
 # tokens of a call (HellaSwag saves ~50%, PIQA ~18%: see the module docstring).
@@ -50,72 +50,8 @@ SHARE_MIN_SAVING = 0.3
 # ------------------------------------------------------------------------- model calls
 
 
-def unwrap(model):
-    """The Hugging Face model under a PEFT wrapper (``get_base_model``)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def device_of(model) -> torch.device:
     return next(model.parameters()).device
-
-
-_FORWARD_PARAMS: dict[type, frozenset[str]] = {}
-
-
-def _forward_params(model) -> frozenset[str]:
-    cls = type(unwrap(model))
-    if cls not in _FORWARD_PARAMS:
-        _FORWARD_PARAMS[cls] = frozenset(inspect.signature(cls.forward).parameters)
-    return _FORWARD_PARAMS[cls]
-
-
-def _keeps_rows(model) -> bool:
-    """Whether the model's forward takes a boolean (B, T) ``logits_to_keep`` (transformers 5.x
-    models built on ``slice_logits_to_keep``): the LM head then runs on the kept rows only."""
-    from transformers import modeling_utils
-
-    return "logits_to_keep" in _forward_params(model) and hasattr(
-        modeling_utils, "slice_logits_to_keep"
-    )
-
-
-def _cache_kwargs(model, cache) -> dict:
-    if cache is None:
-        return {"use_cache": False}
-    # transformers renamed past_key_values to cache (5.x; the old name is deprecated).
-    name = "cache" if "cache" in _forward_params(model) else "past_key_values"
-    return {name: cache, "use_cache": True}
-
-
-def logits_at(
-    model,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    keep: torch.Tensor,
-    *,
-    position_ids: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Logits at the True positions of ``keep`` (B, T) bool, flattened row-major: (n, V).
-
-    ``attention_mask``: (B, T), or an additive (B, 1, T, T) mask (packed documents); None for
-    unpadded or right-padded rows.
-    The LM head runs on the kept rows only where the model supports it; otherwise the full
-    (B, T, V) logits are computed and the rows selected.
-    """
-    kw = {"input_ids": input_ids, "attention_mask": attention_mask, **_cache_kwargs(model, None)}
-    if position_ids is not None:
-        kw["position_ids"] = position_ids
-    n = int(keep.sum())
-    if _keeps_rows(model):
-        z = model(**kw, logits_to_keep=keep).logits
-        if z.dim() != 2 or z.shape[0] != n:
-            raise MuscleError(
-                f"{type(unwrap(model)).__name__} returned logits of shape {tuple(z.shape)} for "
-                f"{n} kept rows: its forward does not support a boolean logits_to_keep"
-            )
-        return z  # (n, V)
-    z = model(**kw).logits  # (B, T, V)
-    return z[keep]  # (n, V)
 
 
 # -------------------------------------------------------------------------- requests
@@ -208,7 +144,7 @@ def _score_plain(model, rows: Sequence[_Row], pad_id: int) -> list[float]:
 def can_pack(model, longest: int) -> bool:
     """Whether ``model`` takes the packed layout of :func:`_score_packed`: an attention that
     reads a custom 4D mask (sdpa, eager) and no sliding window shorter than the sequences."""
-    config = unwrap(model).config
+    config = unwrap_model(model).config
     window = getattr(config, "sliding_window", None)
     return getattr(config, "_attn_implementation", None) in ("sdpa", "eager") and (
         not window or longest <= window

@@ -1,9 +1,9 @@
-"""The forward pass of every model that produces logits in training: the student, and the
-teachers of online mode. One path, so a teacher's top-K and the student's loss see the same
-rows of the same logits.
-The cache build runs its teachers through it too
-(:func:`muscle.teacher_cache.compute.forward_logits` keeps the unpadded positions), so a cached
-teacher and the same teacher online are one forward pass.
+"""The forward pass of every model that produces logits at chosen positions: the student and
+the teachers of online mode, the cache build's teachers
+(:func:`muscle.teacher_cache.compute.forward_logits` keeps the unpadded positions) and
+``muscle-eval``'s log-likelihood scoring (:mod:`muscle.eval_scoring`, packed documents under a 4D
+mask). One path, so a cached teacher and the same teacher online are one forward pass, and a
+teacher's top-K and the student's loss see the same rows of the same logits.
 
 A batch holds right-padded ``input_ids``, ``attention_mask`` and next-token ``labels`` (B, T)
 (:func:`muscle.data.collate`); the positions that matter are those with a label.
@@ -31,38 +31,52 @@ def labelled(batch: Batch) -> torch.Tensor:
     return batch["labels"] != IGNORE_INDEX
 
 
-def student_logits(model, batch: Batch, rows: torch.Tensor) -> torch.Tensor:
-    """Logits at the labelled positions only, (n, V), in the order of ``rows``."""
-    return logits_at(model, batch, labelled(batch), rows)
+def student_logits(model, batch: Batch) -> torch.Tensor:
+    """Logits at the labelled positions only, (n, V), in the order of :func:`valid_rows`."""
+    return logits_at(model, batch["input_ids"], batch["attention_mask"], labelled(batch))
 
 
 # Model classes whose forward took a boolean (B, T) ``logits_to_keep`` (True / False), learnt
-# on first use: transformers applies lm_head to the kept positions only (recent 5.x releases).
+# on the first call: transformers applies lm_head to the kept positions only (recent 5.x).
 _KEEP_MASK_OK: dict[type, bool] = {}
 
 
-def logits_at(model, batch: Batch, keep: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def logits_at(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    keep: torch.Tensor,
+    *,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Logits at the True positions of ``keep`` (B, T) bool, flattened row-major: (n, V).
 
-    ``rows``: the same positions as flat indices into B*T (``keep.reshape(-1).nonzero()``).
+    ``attention_mask``: (B, T) 1/0 (right padding), an additive (B, 1, T, T) float mask (packed
+    evaluation documents), or None (no padding, or right padding that causal attention never
+    reads); ``position_ids`` (B, T) where positions are not 0..T-1 (packed documents).
     The LM head runs on the kept positions only where the model supports it: for task data
     (answers after long prompts) that is a small part of B*T, and the (B, T, V) float logits
     and their gradient (2 GB for 8 x 512 tokens and a 128k vocabulary) are never made.
     Otherwise the full logits are computed and the rows selected.
     """
-    kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    kw = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    if position_ids is not None:
+        kw["position_ids"] = position_ids
     cls = type(unwrap_model(model))
-    if _KEEP_MASK_OK.get(cls, True):
+    supported = _KEEP_MASK_OK.get(cls)
+    if supported is not False:
         try:
             z = model(**kw, logits_to_keep=keep).logits
         except (TypeError, IndexError):  # no such argument, or only int / 1-D positions
+            if supported:
+                raise
             z = None
-        ok = z is not None and z.dim() == 2 and z.shape[0] == rows.numel()
-        _KEEP_MASK_OK[cls] = ok
-        if ok:
+        if supported is None:  # the first call for this class: did it keep just those rows?
+            supported = z is not None and z.dim() == 2 and z.shape[0] == int(keep.sum())
+            _KEEP_MASK_OK[cls] = supported
+        if supported:
             return z  # (n, V)
-    z = model(**kw).logits  # (B, T, V)
-    return z.reshape(-1, z.shape[-1]).index_select(0, rows)
+    return model(**kw).logits[keep]  # (B, T, V) -> (n, V)
 
 
 def unwrap_model(model):

@@ -50,7 +50,7 @@ class CrossEntropyObjective:
         if rows.numel() == 0:
             return empty_batch_loss(model, batch), {"loss": 0.0, "ce": 0.0, "n_tokens": 0.0}
         labels = batch["labels"].reshape(-1).index_select(0, rows)  # (n,)
-        logits = student_logits(model, batch, rows)  # (n, V)
+        logits = student_logits(model, batch)  # (n, V)
         loss = F.cross_entropy(logits.float(), labels)
         return loss, {"loss": loss.item(), "ce": loss.item(), "n_tokens": float(rows.numel())}
 

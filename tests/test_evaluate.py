@@ -216,6 +216,37 @@ def test_lm_head_runs_on_the_scored_rows_only(loaded):
         hook.remove()
 
 
+class _NoLogitsToKeep(torch.nn.Module):
+    """A causal LM whose forward has no ``logits_to_keep`` (older or custom models)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=position_ids, use_cache=use_cache)  # fmt: skip
+
+
+def test_scoring_without_logits_to_keep_gives_the_same_numbers(loaded):
+    # The shared forward path (muscle.forward.logits_at) falls back to the full logits and a row
+    # selection for a model that cannot keep rows: the same log-likelihoods, packed and plain.
+    model, _ = loaded
+    docs = [
+        [
+            sc.LoglikelihoodRequest(list(range(3, 40)), [50, 51]),
+            sc.LoglikelihoodRequest(list(range(3, 40)), [52, 53, 54]),
+        ],
+        [sc.LoglikelihoodRequest(list(range(5, 20)), [60]), sc.LoglikelihoodRequest([5, 7], [61])],
+    ]
+    kw = {"batch_size": 8, "max_length": 2048, "pad_id": 0}
+    for share in (False, True):
+        ours = sc.score_documents(model, docs, share_prefix=share, **kw)
+        full = sc.score_documents(_NoLogitsToKeep(model), docs, share_prefix=share, **kw)
+        for f, o in zip(full, ours, strict=True):
+            assert f == pytest.approx(o, abs=1e-5)
+
+
 def test_acc_norm_divides_by_character_length():
     ex = get_task("piqa").to_example({"goal": "g", "sol1": "a", "sol2": "b" * 12, "label": 1}, 0)
     rec = ev.multiple_choice_record(ex, [-10.0, -12.0])  # -10/1 < -12/12: norm flips the pick

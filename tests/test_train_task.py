@@ -215,8 +215,8 @@ class _NoKeepArg(torch.nn.Module):
         super().__init__()
         self.inner = inner
 
-    def forward(self, input_ids, attention_mask):
-        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+    def forward(self, input_ids, attention_mask, use_cache=None):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
 
 
 def test_logits_at_labelled_positions_only(base_dir):
@@ -245,7 +245,7 @@ def test_logits_at_labelled_positions_only(base_dir):
     got = {}
     for name, m in (("keep", model), ("fallback", _NoKeepArg(model))):
         model.zero_grad()
-        z = logits_at(m, batch, keep, rows)
+        z = logits_at(m, ids, mask, keep)
         assert z.shape == (rows.numel(), full.shape[1])
         torch.testing.assert_close(z, full, rtol=1e-5, atol=1e-6)
         z.square().sum().backward()

@@ -22,10 +22,7 @@ def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor)
     to keep: where the model takes a boolean ``logits_to_keep`` the head runs on them only (no
     padding FLOPs, no (B, T, V) tensor), else the full logits are made and the rows selected.
     """
-    keep = attention_mask.bool()  # (B, T)
-    rows = keep.reshape(-1).nonzero(as_tuple=True)[0]  # (N_real,) flat indices into B*T
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-    return logits_at(model, batch, keep, rows)
+    return logits_at(model, input_ids, attention_mask, attention_mask.bool())  # (N_real, V)
 
 
 def _check_forward_path(model, input_ids, attention_mask, tol: float) -> None:
