@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import fcntl
 import json
 import os
 import platform
@@ -45,6 +44,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from muscle.locking import LockHeld, writer_lock
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -146,66 +147,48 @@ def rel(p: Path) -> str:
 def stage(run: Run, name: str, cmd: list[str], done: Path | None, times: dict) -> bool:
     """Run one CLI step (log in ROOT/logs) unless ``done`` exists; record its wall time.
 
-    Returns True when it ran. A lock file keeps two invocations off the same stage.
+    Returns True when it ran. A writer lock (:mod:`muscle.locking`, released by the kernel
+    when its holder dies) keeps two invocations off the same stage: the second waits, then
+    skips the stage if the first finished it.
     """
     if done is not None and done.exists():
         print(f"[skip] {name}: {rel(done)} exists", flush=True)
         return False
     logs = run.root / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    lock = logs / f"{name}.lock"
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            os.write(fd, f"{platform.node()} {os.getpid()}".encode())
-            os.close(fd)
-            break
-        except FileExistsError:  # another invocation is on this stage: wait for it
-            print(f"[wait] {name}: {lock}", flush=True)
-            while lock.exists() and not stale(lock):
-                time.sleep(15)
-            if lock.exists():  # stale: its holder died (e.g. with its session)
-                lock.unlink(missing_ok=True)
-            if done is not None and done.exists():
-                return False
+    lock, what = logs / f"{name}.stage.lock", f"reproduction stage {name}"
     try:
-        log = logs / f"{name}.log"
-        print(f"[run ] {name}: {' '.join(cmd)}  (log {log})", flush=True)
-        t0 = time.time()
-        with open(log, "a") as f:
-            f.write(f"\n$ {' '.join(cmd)}\n")
-            f.flush()
-            env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-            rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-        if rc != 0:
-            tail = log.read_text(errors="replace").splitlines()[-8:]
-            print("\n".join(f"  | {line[-300:]}" for line in tail), file=sys.stderr)
-            raise SystemExit(f"{name} failed (rc {rc}); see {log}")
-        times[name] = round(time.time() - t0, 1)
-        record_time(run, name, times[name])
-        return True
-    finally:
-        lock.unlink(missing_ok=True)
-
-
-def stale(lock: Path) -> bool:
-    """A lock left by a process of this machine that is gone (killed with its session)."""
-    try:
-        host, pid = lock.read_text().split()
-        if host != platform.node():
+        with writer_lock(lock, what=what):
+            return _run_stage(run, name, cmd, times)
+    except LockHeld as held:
+        print(f"[wait] {held}", flush=True)
+    with writer_lock(lock, what=what, wait=True):
+        if done is not None and done.exists():  # the other invocation finished it
+            print(f"[skip] {name}: {rel(done)} exists", flush=True)
             return False
-        os.kill(int(pid), 0)
-        return False
-    except ProcessLookupError:
-        return True
-    except (OSError, ValueError):  # unreadable or being written: not stale yet
-        return False
+        return _run_stage(run, name, cmd, times)
+
+
+def _run_stage(run: Run, name: str, cmd: list[str], times: dict) -> bool:
+    log = run.root / "logs" / f"{name}.log"
+    print(f"[run ] {name}: {' '.join(cmd)}  (log {log})", flush=True)
+    t0 = time.time()
+    with open(log, "a") as f:
+        f.write(f"\n$ {' '.join(cmd)}\n")
+        f.flush()
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    if rc != 0:
+        tail = log.read_text(errors="replace").splitlines()[-8:]
+        print("\n".join(f"  | {line[-300:]}" for line in tail), file=sys.stderr)
+        raise SystemExit(f"{name} failed (rc {rc}); see {log}")
+    times[name] = round(time.time() - t0, 1)
+    record_time(run, name, times[name])
+    return True
 
 
 def record_time(run: Run, name: str, seconds: float) -> None:
     f = run.out / "timings.json"
-    with open(run.root / "logs" / "timings.lock", "w") as lk:  # two invocations: no lost row
-        fcntl.flock(lk, fcntl.LOCK_EX)
+    with writer_lock(run.root / "logs" / "timings.lock", what="timings.json", wait=True):
         t = json.loads(f.read_text()) if f.is_file() else {}
         t[name] = {"seconds": seconds, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **load()}
         write_json(f, t)

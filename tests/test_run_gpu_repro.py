@@ -102,3 +102,47 @@ def test_missing_data_dir_is_one_line(tmp_path):
     p = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode == 2
     assert "DATA_DIR" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def _reproduce_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reproduce", REPO / "benchmarks" / "reproduce.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("reproduce", mod)  # its dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_a_stage_another_invocation_holds_is_waited_for_then_skipped(tmp_path, capsys):
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from muscle.locking import writer_lock
+
+    rp = _reproduce_module()
+    run = SimpleNamespace(root=tmp_path / "root", out=tmp_path / "out")
+    done = tmp_path / "stage.done"
+    marker = tmp_path / "ran"
+    cmd = [sys.executable, "-c", f"open({str(marker)!r}, 'w').close()"]
+    held = threading.Event()
+
+    def other_invocation():  # holds the stage, finishes it, lets go
+        with writer_lock(run.root / "logs" / "s.stage.lock", what="x"):
+            held.set()
+            time.sleep(0.5)
+            done.touch()
+
+    t = threading.Thread(target=other_invocation)
+    t.start()
+    held.wait()
+    assert rp.stage(run, "s", cmd, done, {}) is False  # waited, then found it done
+    t.join()
+    assert not marker.exists() and "[wait]" in capsys.readouterr().out
+    # Free and not done: it runs, and its wall time lands in timings.json.
+    done.unlink()
+    times: dict = {}
+    assert rp.stage(run, "s", cmd, done, times) is True
+    assert marker.exists() and "s" in json.loads((run.out / "timings.json").read_text())
+    assert times["s"] >= 0
