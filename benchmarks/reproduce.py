@@ -705,6 +705,8 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     if a.table:
         print(markdown(collect(a.out)))
+        print()
+        print(stage_times_markdown(a.out))
         return
     masks = tuple(m.strip() for m in a.masks.split(",") if m.strip()) if a.masks else None
     unknown = sorted(set(masks or ()) - {m for m, _ in ABLATION_MASKS})
@@ -794,6 +796,21 @@ def collect(out: Path) -> dict:
         if r:
             tasks[tdir.name] = r
     return {"tasks": tasks}
+
+
+def stage_times_markdown(out: Path) -> str:
+    """Every recorded stage's wall time and the load when it ended, task by task (from
+    OUT/timings.json: stages of several sessions and machines, each as it ran)."""
+    f = out / "timings.json"
+    times = json.loads(f.read_text()) if f.is_file() else {}
+    rows = ["| stage | wall (min) | load (1 min) at its end | finished |", "|---|---:|---:|---|"]
+    for name, t in sorted(times.items(), key=lambda kv: (kv[0].split("-")[0], kv[1]["finished"])):
+        if t["seconds"] < 5:  # compare stages: instant
+            continue
+        rows.append(
+            f"| {name} | {t['seconds'] / 60:.1f} | {t.get('loadavg_1m', '–')} | {t['finished']} |"
+        )
+    return "\n".join(rows)
 
 
 def disagreement(a: Path, b: Path) -> dict:
