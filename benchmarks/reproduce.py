@@ -20,8 +20,9 @@ Stages per task T, each skipped when its committed output exists under ``--out``
   ablation (PIQA, --ablation): v2c with each other mask   -> T/pred/v2c-MASK.jsonl, compare-MASK.*
   online (PIQA, --online): v2c trained with both teachers resident, near-full vocabulary
                          (top-K = V - 1: the (K+1)-bin KL is then the full KL) -> T/pred/v2c-online.jsonl
-  tail (PIQA, --tail): v2c from a format-2 cache (top-8 + 40 sampled tail tokens, issue 13)
+  tail (--tail): v2c from a format-2 cache (top-8 + 40 sampled tail tokens, issue 13)
                          -> T/pred/v2c-tail.jsonl
+  answer (--answer-only): v2c from a cache of the answer tokens only -> T/pred/v2c-answer.jsonl
   longer (--longer N): v2c trained N times the profile's epochs, before v2c itself
                          -> T/pred/v2c-xN.jsonl
   train-pool eval (PIQA, --train-pool-eval): v1, v2 and every v2c scored on the examples the
@@ -350,11 +351,27 @@ def predict(
 TAIL_CACHE = {"top_k": 8, "tail_samples": 40}
 
 
-def cache_build(run: Run, task: str, cfg: Path, name: str, times: dict, tail=False) -> Path:
-    """The teacher ``name`` into ROOT/cache/T (top-64, format 1) or, with ``tail``, into
-    ROOT/cache/T-tail (format 2, :data:`TAIL_CACHE`)."""
+# The caches beside the top-64 format-1 one, each with a v2c of its own (label v2c-KIND): the
+# extra options of their muscle-cache build.
+CACHE_VARIANTS = {
+    "tail": [
+        "--top-k",
+        str(TAIL_CACHE["top_k"]),
+        "--tail-samples",
+        str(TAIL_CACHE["tail_samples"]),
+    ],
+    # the answer tokens only: the Eq. 1 mask then judges the tokens the task is scored on
+    "answer": ["--answer-only"],
+}
+
+
+def cache_build(
+    run: Run, task: str, cfg: Path, name: str, times: dict, kind: str | None = None
+) -> Path:
+    """The teacher ``name`` into ROOT/cache/T (top-64, format 1) or, for a ``kind`` of
+    :data:`CACHE_VARIANTS`, into ROOT/cache/T-KIND."""
     s = run.sizes(task)
-    cache = run.root / "cache" / (f"{task}-tail" if tail else task)
+    cache = run.root / "cache" / (f"{task}-{kind}" if kind else task)
     done = cache / f".repro-{name}.done"
     cmd = [
         str(BIN / "muscle-cache"),
@@ -374,14 +391,8 @@ def cache_build(run: Run, task: str, cfg: Path, name: str, times: dict, tail=Fal
         "--batch-size",
         str(run.profile.eval_batch),
     ]
-    if tail:
-        cmd += [
-            "--top-k",
-            str(TAIL_CACHE["top_k"]),
-            "--tail-samples",
-            str(TAIL_CACHE["tail_samples"]),
-        ]
-    if stage(run, f"{task}-cache{'-tail' if tail else ''}-{name}", cmd, done, times):
+    cmd += CACHE_VARIANTS[kind] if kind else []
+    if stage(run, f"{task}-cache{f'-{kind}' if kind else ''}-{name}", cmd, done, times):
         done.touch()
     return cache
 
@@ -503,14 +514,16 @@ def task_pipeline(
     ablation: bool,
     online: bool,
     upto: str,
-    tail: bool = False,
+    caches: tuple[str, ...] = (),
     longer: int | None = None,
     masks: tuple[str, ...] | None = None,
 ) -> None:
     """Every stage of one task that is not finished yet (outputs under OUT/T, see collect).
 
-    ``masks``: the ablation's masks (default all of :data:`ABLATION_MASKS`); with ``longer``
-    each of them is also trained for ``longer`` times the epochs (label v2c-MASK-xN)."""
+    ``caches``: kinds of :data:`CACHE_VARIANTS` to train a v2c from as well (label v2c-KIND).
+    ``masks``: the ablation's masks (default all of :data:`ABLATION_MASKS`). With ``longer``
+    each v2c is also trained for ``longer`` times the epochs (label v2c-xN, v2c-MASK-xN,
+    v2c-KIND-xN)."""
     ablation_masks = [(m, ce) for m, ce in ABLATION_MASKS if masks is None or m in masks]
     cfg = write_config(run, task)
     pred = run.out / task / "pred"
@@ -527,7 +540,7 @@ def task_pipeline(
     labels = ["v2c"] + ["v2c-online"] * online + [f"v2c-{m}" for m, _ in ablation_masks] * ablation
     if longer:
         labels += [f"v2c-x{longer}"] + [f"v2c-{m}-x{longer}" for m, _ in ablation_masks] * ablation
-        labels += [f"v2c-tail-x{longer}"] * tail
+        labels += [f"v2c-{kind}-x{longer}" for kind in caches]
     if not all(Path(f"{pred / label}.jsonl.done").exists() for label in labels):
         for name in ("v1", "v2"):  # only when some v2c is still to train (tens of MB, rebuilt)
             cache_build(run, task, cfg, name, times)
@@ -538,23 +551,23 @@ def task_pipeline(
     variant(run, task, cfg, "v2c", "v2c_wrong", 0.0, times)
     if online:
         variant(run, task, cfg, "v2c-online", "v2c_wrong", 0.0, times, online=True)
-    if tail:
-        tail_labels = ["v2c-tail"] + [f"v2c-tail-x{longer}"] * bool(longer)
-        if not all(Path(f"{pred / label}.jsonl.done").exists() for label in tail_labels):
+    for kind in caches:
+        kind_labels = [f"v2c-{kind}"] + [f"v2c-{kind}-x{longer}"] * bool(longer)
+        if not all(Path(f"{pred / label}.jsonl.done").exists() for label in kind_labels):
             for name in ("v1", "v2"):
-                cache_build(run, task, cfg, name, times, tail=True)
-        cache = run.root / "cache" / f"{task}-tail"
-        variant(run, task, cfg, "v2c-tail", "v2c_wrong", 0.0, times, cache=cache)
+                cache_build(run, task, cfg, name, times, kind=kind)
+        cache = run.root / "cache" / f"{task}-{kind}"
+        variant(run, task, cfg, f"v2c-{kind}", "v2c_wrong", 0.0, times, cache=cache)
     if ablation:
         for mask, ce in ablation_masks:
             variant(run, task, cfg, f"v2c-{mask}", mask, ce, times)
             if longer:
                 epochs = run.sizes(task).compat_epochs * longer
                 variant(run, task, cfg, f"v2c-{mask}-x{longer}", mask, ce, times, epochs=epochs)
-    if tail and longer:  # the format-2 v2c trained longer too (last: the costliest to lose)
+    for kind in caches if longer else ():  # last: the costliest to lose
         epochs = run.sizes(task).compat_epochs * longer
-        cache = run.root / "cache" / f"{task}-tail"
-        label = f"v2c-tail-x{longer}"
+        cache = run.root / "cache" / f"{task}-{kind}"
+        label = f"v2c-{kind}-x{longer}"
         variant(run, task, cfg, label, "v2c_wrong", 0.0, times, cache=cache, epochs=epochs)
 
 
@@ -585,7 +598,8 @@ def train_pool_eval(run: Run, task: str, cfg: Path, times: dict) -> None:
     longer = sorted(  # the --longer runs: v2c-xN, v2c-MASK-xN
         p.name for p in (run.root / task).glob("v2c-*") if re.fullmatch(r"v2c-(.+-)?x\d+", p.name)
     )
-    for label in ["v2c-online", "v2c-tail", *longer] + [f"v2c-{m}" for m, _ in ABLATION_MASKS]:
+    others = ["v2c-online", *(f"v2c-{kind}" for kind in CACHE_VARIANTS), *longer]
+    for label in others + [f"v2c-{m}" for m, _ in ABLATION_MASKS]:
         for where in (run.out / task / "adapters" / label, run.root / task / label):
             if (where / "adapter_model.safetensors").is_file():
                 labels[label] = where
@@ -684,7 +698,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--tail",
         action="store_true",
-        help="PIQA v2c trained from a format-2 cache as well (top-8 + 40 sampled tail tokens)",
+        help="v2c trained from a format-2 cache as well (top-8 + 40 sampled tail tokens)",
+    )
+    ap.add_argument(
+        "--answer-only",
+        action="store_true",
+        help="v2c trained from a cache of the answer tokens only as well (the Eq. 1 mask then "
+        "judges only the tokens the task scores; the task adapters stay as they are)",
     )
     ap.add_argument(
         "--upto",
@@ -749,7 +769,7 @@ def main(argv: list[str] | None = None) -> None:
             a.ablation and task == "piqa",
             a.online and task == "piqa",
             a.upto,
-            tail=a.tail and task == "piqa",
+            caches=("tail",) * a.tail + ("answer",) * a.answer_only,
             longer=a.longer,
             masks=masks,
         )
@@ -773,11 +793,15 @@ def collect(out: Path) -> dict:
         if (tdir / "compare-v1-v2.json").is_file():
             r["report_v1_v2"] = json.loads((tdir / "compare-v1-v2.json").read_text())
             r["disagreement_v1_v2"] = disagreement(pred / "v1.jsonl", pred / "v2.jsonl")
-        for key, stem in (("report", "v2c"), ("online", "v2c-online"), ("tail", "v2c-tail")):
+        for key, stem in (("report", "v2c"), ("online", "v2c-online")):
             if (tdir / f"compare-{stem}.json").is_file():
                 r[key] = json.loads((tdir / f"compare-{stem}.json").read_text())
-        for f in sorted(tdir.glob("compare-v2c-tail-x*.json")):  # --tail --longer N
-            r.setdefault("tail_longer", {})[f.stem.rsplit("-", 1)[1]] = json.loads(f.read_text())
+        for kind in CACHE_VARIANTS:  # --tail, --answer-only (and with --longer N)
+            if (tdir / f"compare-v2c-{kind}.json").is_file():
+                r[kind] = json.loads((tdir / f"compare-v2c-{kind}.json").read_text())
+            for f in sorted(tdir.glob(f"compare-v2c-{kind}-x*.json")):
+                key = f.stem.rsplit("-", 1)[1]
+                r.setdefault(f"{kind}_longer", {})[key] = json.loads(f.read_text())
         for f in sorted(tdir.glob("compare-v2c-x*.json")):  # --longer N
             r.setdefault("longer", {})[f.stem.removeprefix("compare-v2c-")] = json.loads(
                 f.read_text()
@@ -870,10 +894,15 @@ def markdown(results: dict) -> str:
             "v2c": r.get("report"),
             "v2c online": r.get("online"),
             "v2c format 2": r.get("tail"),
+            "v2c answer-only cache": r.get("answer"),
         }
         variants |= {f"v2c ×{n[1:]} epochs": v for n, v in r.get("longer", {}).items()}
         variants |= {
             f"v2c format 2 ×{n[1:]} epochs": v for n, v in r.get("tail_longer", {}).items()
+        }
+        variants |= {
+            f"v2c answer-only cache ×{n[1:]} epochs": v
+            for n, v in r.get("answer_longer", {}).items()
         }
         variants |= {f"mask {m}": v for m, v in r.get("ablation", {}).items() if m != "v2c_wrong"}
         for label, rep in variants.items():

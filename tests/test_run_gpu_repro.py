@@ -45,11 +45,12 @@ def test_paper_profile_runs_every_stage_and_resumes(tmp_path):
         "OMP_NUM_THREADS": "1",
         "DEADLINE_S": "1100",  # a loaded 2-core CI box; the GPU default is 540
     }
-    args = ("--limit-test", "8", "--online", "--ablation", "--tail", "--train-pool-eval")
+    args = ("--limit-test", "8", "--online", "--ablation", "--tail", "--answer-only",
+            "--train-pool-eval")  # fmt: skip
     p = _run(env, *args)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     piqa = results / "piqa"
-    labels = ["v1", "v2", "v2c", "v2c-online", "v2c-tail"] + [
+    labels = ["v1", "v2", "v2c", "v2c-online", "v2c-tail", "v2c-answer"] + [
         f"v2c-{m}" for m in ("always_v1", "v1_correct", "token_ll", "seq_ll")
     ]
     rows = {}
@@ -78,6 +79,14 @@ def test_paper_profile_runs_every_stage_and_resumes(tmp_path):
     assert online["n"] == 8
     tail = json.loads((piqa / "compare-v2c-tail.json").read_text())["paper_row"]
     assert tail["n"] == 8
+    assert json.loads((piqa / "compare-v2c-answer.json").read_text())["paper_row"]["n"] == 8
+
+    def learned_tokens(label):  # summed over its logged training steps
+        log = (piqa / "pred" / f"{label}.train_log.jsonl").read_text().splitlines()
+        return sum(r["n_tokens"] for r in map(json.loads, log) if r.get("split") == "train")
+
+    # the answer-only cache holds the answers' positions only: fewer tokens to learn on
+    assert 0 < learned_tokens("v2c-answer") < learned_tokens("v2c")
     # the train-pool evaluation scored every model on the compat training examples: the
     # fixture's 10 training lines, 80% of them (split_indices) -> 8
     pool = piqa / "trainpool"
@@ -88,6 +97,7 @@ def test_paper_profile_runs_every_stage_and_resumes(tmp_path):
     timings = json.loads((results / "timings.json").read_text())
     assert {"piqa-train-v1", "piqa-cache-v2", "piqa-train-v2c-online"} <= set(timings)
     assert {"piqa-cache-tail-v1", "piqa-train-v2c-tail"} <= set(timings)
+    assert {"piqa-cache-answer-v2", "piqa-train-v2c-answer"} <= set(timings)
     assert (tmp_path / "out" / "results" / "piqa" / "pred" / "v2c.jsonl").is_file()  # copied out
     # a rerun finds every stage done and trains / predicts nothing
     p2 = _run(env, *args)
