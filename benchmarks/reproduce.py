@@ -558,12 +558,11 @@ def task_pipeline(
                 cache_build(run, task, cfg, name, times, kind=kind)
         cache = run.root / "cache" / f"{task}-{kind}"
         variant(run, task, cfg, f"v2c-{kind}", "v2c_wrong", 0.0, times, cache=cache)
-    if ablation:
-        for mask, ce in ablation_masks:
-            variant(run, task, cfg, f"v2c-{mask}", mask, ce, times)
-            if longer:
-                epochs = run.sizes(task).compat_epochs * longer
-                variant(run, task, cfg, f"v2c-{mask}-x{longer}", mask, ce, times, epochs=epochs)
+    for mask, ce in ablation_masks if ablation and longer else ():  # the longer ones first
+        epochs = run.sizes(task).compat_epochs * longer
+        variant(run, task, cfg, f"v2c-{mask}-x{longer}", mask, ce, times, epochs=epochs)
+    for mask, ce in ablation_masks if ablation else ():
+        variant(run, task, cfg, f"v2c-{mask}", mask, ce, times)
     for kind in caches if longer else ():  # last: the costliest to lose
         epochs = run.sizes(task).compat_epochs * longer
         cache = run.root / "cache" / f"{task}-{kind}"
