@@ -557,17 +557,16 @@ def task_pipeline(
             for name in ("v1", "v2"):
                 cache_build(run, task, cfg, name, times, kind=kind)
         cache = run.root / "cache" / f"{task}-{kind}"
+        if longer:  # the longer one first, as above
+            epochs = run.sizes(task).compat_epochs * longer
+            label = f"v2c-{kind}-x{longer}"
+            variant(run, task, cfg, label, "v2c_wrong", 0.0, times, cache=cache, epochs=epochs)
         variant(run, task, cfg, f"v2c-{kind}", "v2c_wrong", 0.0, times, cache=cache)
     for mask, ce in ablation_masks if ablation and longer else ():  # the longer ones first
         epochs = run.sizes(task).compat_epochs * longer
         variant(run, task, cfg, f"v2c-{mask}-x{longer}", mask, ce, times, epochs=epochs)
     for mask, ce in ablation_masks if ablation else ():
         variant(run, task, cfg, f"v2c-{mask}", mask, ce, times)
-    for kind in caches if longer else ():  # last: the costliest to lose
-        epochs = run.sizes(task).compat_epochs * longer
-        cache = run.root / "cache" / f"{task}-{kind}"
-        label = f"v2c-{kind}-x{longer}"
-        variant(run, task, cfg, label, "v2c_wrong", 0.0, times, cache=cache, epochs=epochs)
 
 
 def train_pool_eval(run: Run, task: str, cfg: Path, times: dict) -> None:
