@@ -862,7 +862,9 @@ def _test(t: dict | None) -> str:
 
 def markdown(results: dict) -> str:
     """Tables for benchmarks/README.md from OUT/results.json: the pair (v1 -> v2) and every v2c
-    variant, with compare's 95% paired-bootstrap intervals and exact sign tests."""
+    variant, with compare's 95% paired-bootstrap intervals and exact sign tests. A task without
+    per-example correctness (SAMSum: ROUGE-1) shows the smooth metrics (paper §3.1) in the NFR
+    columns, marked "smooth": a regression is an example v2 (v2c) scores lower than v1."""
     out = [
         "| task | n | score v1 | score v2 | v1/v2 answers differ | NFR v1→v2 (flips) | PFR v1→v2 "
         "| gains / regressions (sign-test p) |",
@@ -873,12 +875,18 @@ def markdown(results: dict) -> str:
         if not rep:
             continue
         c, ci = rep["comparisons"][0], rep["ci"]["comparisons"][0]
-        t = rep["tests"]["comparisons"][0]["flips"]
+        tests = rep["tests"]["comparisons"][0]
         d = r.get("disagreement_v1_v2", {})
+        if c["nfr"] is None:  # continuous score: smooth NFR / PFR, regressions = D < 0
+            t = tests["smooth_flips"]
+            nfr, pfr, name = "nfr_smooth", "pfr_smooth", f"{task} (smooth)"
+            regressions = t["c"] if t else "–"
+        else:
+            t, nfr, pfr, name, regressions = tests["flips"], "nfr", "pfr", task, c["regression"]
         out.append(
-            f"| {task} | {c['n']} | {_p(c['old_score'])}{_ci(ci, 'old_score')} "
+            f"| {name} | {c['n']} | {_p(c['old_score'])}{_ci(ci, 'old_score')} "
             f"| {_p(c['new_score'])}{_ci(ci, 'new_score')} | {_p(d.get('rate'))} ({d.get('differ')}) "
-            f"| {_p(c['nfr'])}{_ci(ci, 'nfr')} ({c['regression']}) | {_p(c['pfr'])}{_ci(ci, 'pfr')} "
+            f"| {_p(c[nfr])}{_ci(ci, nfr)} ({regressions}) | {_p(c[pfr])}{_ci(ci, pfr)} "
             f"| {_test(t)} |"
         )
     out += [
@@ -907,13 +915,16 @@ def markdown(results: dict) -> str:
             if not rep or not rep.get("paper_row"):
                 continue
             row, ci = rep["paper_row"], rep["ci"]["paper_row"]
-            t = (rep["tests"]["paper_row"] or {}).get("nfr_c_vs_nfr")
+            smooth = row["nfr_c"] is None  # continuous score: the smooth metrics
+            key = "nfr_smooth" if smooth else "nfr"
+            t = (rep["tests"]["paper_row"] or {}).get(f"{key}_c_vs_{key}")
             out.append(
-                f"| {task} | {label} | {row['n']} | {_p(row['score_v2c'])}{_ci(ci, 'score_v2c')} "
+                f"| {task}{' (smooth)' * smooth} | {label} | {row['n']} "
+                f"| {_p(row['score_v2c'])}{_ci(ci, 'score_v2c')} "
                 f"| {_p(row['delta_score_c'], signed=True)}{_ci(ci, 'delta_score_c', True)} "
-                f"| {_p(row['nfr_c'])}{_ci(ci, 'nfr_c')} "
-                f"| {_p(row['delta_nfr_c'], signed=True)}{_ci(ci, 'delta_nfr_c', True)} "
-                f"| {_p(row['rel_delta_nfr_c'], signed=True)} | {_test(t)} | {_p(row['pfr_c'])} |"
+                f"| {_p(row[f'{key}_c'])}{_ci(ci, f'{key}_c')} "
+                f"| {_p(row[f'delta_{key}_c'], signed=True)}{_ci(ci, f'delta_{key}_c', True)} "
+                f"| {_p(row[f'rel_delta_{key}_c'], signed=True)} | {_test(t)} | {_p(row['pfr_c'])} |"
             )
     return "\n".join(out)
 
