@@ -238,7 +238,6 @@ def test_logits_at_labelled_positions_only(base_dir):
     mask[2, 9:] = 0  # right padding
     labels = torch.full((B, T), -100)
     labels[0, 4:7], labels[1, 12], labels[2, 2:9] = 5, 7, 1
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     keep = labels != -100
     rows = keep.reshape(-1).nonzero(as_tuple=True)[0]
     full = model(input_ids=ids, attention_mask=mask).logits.reshape(B * T, -1)[rows]
