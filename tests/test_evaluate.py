@@ -26,7 +26,7 @@ from muscle.locking import LockHeld
 from muscle.models import attach_lora, base_fingerprint, load_model, load_tokenizer, save_adapter
 from muscle.predictions import lock_path, meta_path, read_meta, read_predictions
 from muscle.tasks import get_task, load_examples
-from tiny import EMBEDDED_DATA, FIXTURE_DATA, REPO, make_model_dir, run_cli_main
+from tiny import EMBEDDED_DATA, FIXTURE_DATA, REPO, make_model_dir, no_logits_to_keep, run_cli_main
 
 DATA = str(FIXTURE_DATA)  # all four tasks, a few examples each
 EMBEDDED = str(EMBEDDED_DATA)  # the full PIQA and GSM8K
@@ -216,18 +216,6 @@ def test_lm_head_runs_on_the_scored_rows_only(loaded):
         hook.remove()
 
 
-class _NoLogitsToKeep(torch.nn.Module):
-    """A causal LM whose forward has no ``logits_to_keep`` (older or custom models)."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner, self.config = inner, inner.config
-
-    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None):
-        return self.inner(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=position_ids, use_cache=use_cache)  # fmt: skip
-
-
 def test_scoring_without_logits_to_keep_gives_the_same_numbers(loaded):
     # The shared forward path (muscle.forward.logits_at) falls back to the full logits and a row
     # selection for a model that cannot keep rows: the same log-likelihoods, packed and plain.
@@ -242,7 +230,7 @@ def test_scoring_without_logits_to_keep_gives_the_same_numbers(loaded):
     kw = {"batch_size": 8, "max_length": 2048, "pad_id": 0}
     for share in (False, True):
         ours = sc.score_documents(model, docs, share_prefix=share, **kw)
-        full = sc.score_documents(_NoLogitsToKeep(model), docs, share_prefix=share, **kw)
+        full = sc.score_documents(no_logits_to_keep(model), docs, share_prefix=share, **kw)
         for f, o in zip(full, ours, strict=True):
             assert f == pytest.approx(o, abs=1e-5)
 

@@ -10,7 +10,7 @@ from muscle.cli.train import main as train_main
 from muscle.config import DataConfig, LoraSpec, ModelSpec, TrainConfig
 from muscle.run_dir import RunDir, read_log
 from muscle.train import train_task_adapter
-from tiny import EMBEDDED_DATA, make_model_dir
+from tiny import EMBEDDED_DATA, make_model_dir, no_logits_to_keep
 
 LORA = LoraSpec(r=8, alpha=16)
 DATA = DataConfig(task="piqa", data_dir=str(EMBEDDED_DATA), max_examples=120, max_length=128)
@@ -208,17 +208,6 @@ def test_bad_inputs(base_dir, other_base_dir, trained, tmp_path, capsys):
     assert code == 2 and "no examples" in err
 
 
-class _NoKeepArg(torch.nn.Module):
-    """A causal LM whose forward has no ``logits_to_keep`` (older or custom models)."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, input_ids, attention_mask, use_cache=None):
-        return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
-
-
 def test_logits_at_labelled_positions_only(base_dir):
     # The LM head runs on the labelled positions only (logits_to_keep), or, for a model without
     # that argument, on all of them followed by a row selection: the same (n, V) rows either way,
@@ -242,7 +231,8 @@ def test_logits_at_labelled_positions_only(base_dir):
     rows = keep.reshape(-1).nonzero(as_tuple=True)[0]
     full = model(input_ids=ids, attention_mask=mask).logits.reshape(B * T, -1)[rows]
     got = {}
-    for name, m in (("keep", model), ("fallback", _NoKeepArg(model))):
+    fallback = no_logits_to_keep(model)
+    for name, m in (("keep", model), ("fallback", fallback)):
         model.zero_grad()
         z = logits_at(m, ids, mask, keep)
         assert z.shape == (rows.numel(), full.shape[1])
@@ -250,7 +240,7 @@ def test_logits_at_labelled_positions_only(base_dir):
         z.square().sum().backward()
         got[name] = [p.grad.clone() for p in model.parameters() if p.requires_grad]
     assert _KEEP_MASK_OK[type(model.get_base_model())] is True
-    assert _KEEP_MASK_OK[_NoKeepArg] is False
+    assert _KEEP_MASK_OK[type(fallback)] is False
     assert all(g.abs().sum() > 0 for g in got["keep"])
     for a, b in zip(got["keep"], got["fallback"], strict=True):
         # The same sums in another float32 order: entries near zero differ by ~4e-7 absolute

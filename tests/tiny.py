@@ -146,3 +146,20 @@ def random_adapter(base_dir: Path, out: Path, seed: int) -> Path:
     sidecar = {"base": {"path": str(base_dir), "fingerprint": base_fingerprint(spec)}}
     save_adapter(random_lora(base_dir, seed), out, sidecar)
     return out
+
+
+def no_logits_to_keep(model):
+    """``model`` behind a forward without ``logits_to_keep`` (older or custom causal LMs): what
+    :func:`muscle.forward.logits_at` must fall back for (full logits, then a row selection)."""
+    import torch
+
+    class NoLogitsToKeep(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=position_ids, use_cache=use_cache)  # fmt: skip
+
+    return NoLogitsToKeep(model)
