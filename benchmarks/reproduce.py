@@ -365,13 +365,18 @@ CACHE_VARIANTS = {
 }
 
 
+def cache_dir(run: Run, task: str, kind: str | None = None) -> Path:
+    """ROOT/cache/T (top-64, format 1) or, for a ``kind`` of :data:`CACHE_VARIANTS`,
+    ROOT/cache/T-KIND."""
+    return run.root / "cache" / (f"{task}-{kind}" if kind else task)
+
+
 def cache_build(
     run: Run, task: str, cfg: Path, name: str, times: dict, kind: str | None = None
 ) -> Path:
-    """The teacher ``name`` into ROOT/cache/T (top-64, format 1) or, for a ``kind`` of
-    :data:`CACHE_VARIANTS`, into ROOT/cache/T-KIND."""
+    """The teacher ``name`` into :func:`cache_dir`."""
     s = run.sizes(task)
-    cache = run.root / "cache" / (f"{task}-{kind}" if kind else task)
+    cache = cache_dir(run, task, kind)
     done = cache / f".repro-{name}.done"
     cmd = [
         str(BIN / "muscle-cache"),
@@ -432,7 +437,7 @@ def compat_adapter(
             *common_data(run, task, s),
         ]
     else:
-        cmd += ["--cache", rel(cache or run.root / "cache" / task)]
+        cmd += ["--cache", rel(cache or cache_dir(run, task))]
     cmd += [
         "--out",
         rel(work),
@@ -544,10 +549,9 @@ def task_pipeline(
     if not all(Path(f"{pred / label}.jsonl.done").exists() for label in labels):
         for name in ("v1", "v2"):  # only when some v2c is still to train (tens of MB, rebuilt)
             cache_build(run, task, cfg, name, times)
+    long_epochs = run.sizes(task).compat_epochs * longer if longer else None
     if longer:  # first: on PIQA one epoch proved under-trained, so this is the row that matters
-        label = f"v2c-x{longer}"
-        epochs = run.sizes(task).compat_epochs * longer
-        variant(run, task, cfg, label, "v2c_wrong", 0.0, times, epochs=epochs)
+        variant(run, task, cfg, f"v2c-x{longer}", "v2c_wrong", 0.0, times, epochs=long_epochs)
     variant(run, task, cfg, "v2c", "v2c_wrong", 0.0, times)
     if online:
         variant(run, task, cfg, "v2c-online", "v2c_wrong", 0.0, times, online=True)
@@ -556,15 +560,14 @@ def task_pipeline(
         if not all(Path(f"{pred / label}.jsonl.done").exists() for label in kind_labels):
             for name in ("v1", "v2"):
                 cache_build(run, task, cfg, name, times, kind=kind)
-        cache = run.root / "cache" / f"{task}-{kind}"
+        cache = cache_dir(run, task, kind)
         if longer:  # the longer one first, as above
-            epochs = run.sizes(task).compat_epochs * longer
             label = f"v2c-{kind}-x{longer}"
-            variant(run, task, cfg, label, "v2c_wrong", 0.0, times, cache=cache, epochs=epochs)
+            variant(run, task, cfg, label, "v2c_wrong", 0.0, times, cache=cache, epochs=long_epochs)
         variant(run, task, cfg, f"v2c-{kind}", "v2c_wrong", 0.0, times, cache=cache)
     for mask, ce in ablation_masks if ablation and longer else ():  # the longer ones first
-        epochs = run.sizes(task).compat_epochs * longer
-        variant(run, task, cfg, f"v2c-{mask}-x{longer}", mask, ce, times, epochs=epochs)
+        label = f"v2c-{mask}-x{longer}"
+        variant(run, task, cfg, label, mask, ce, times, epochs=long_epochs)
     for mask, ce in ablation_masks if ablation else ():
         variant(run, task, cfg, f"v2c-{mask}", mask, ce, times)
 

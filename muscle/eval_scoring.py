@@ -22,9 +22,9 @@ same numbers:
   It pays when contexts are long against the continuations (HellaSwag: a 29-token context,
   four 14-token endings, half the tokens saved) and little when they are short (PIQA: a
   14-token context, two 23-token solutions, 18% saved, about what the longer attention rows
-  and the mask cost: a wash in ``benchmarks/bench_eval.py``'s profile). ``share_prefix=None`` decides per
-  call from the token counts: share when at least :data:`SHARE_MIN_SAVING` of the tokens
-  would be saved. Models whose attention does not read a custom mask (flash-attention) or
+  and the mask cost: a wash in ``benchmarks/bench_eval.py``'s profile). ``share_prefix=None``
+  decides per call from the token counts: share when at least :data:`SHARE_MIN_SAVING` of the
+  tokens would be saved. Models whose attention does not read a custom mask (flash-attention) or
   whose sliding window is shorter than a packed document are scored unshared.
 
 Every batch is built from the call's requests alone, deterministically, so the same window gives
