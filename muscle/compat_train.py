@@ -217,7 +217,12 @@ def train_compat_from_cache(
 
     ``deepspeed_config``: train through DeepSpeed (ZeRO 0-2), see :func:`muscle.loop.fit`.
     """
-    from muscle.teacher_cache import CacheReader, cache_teacher_spec, check_teacher_provenance
+    from muscle.teacher_cache import (
+        CacheReader,
+        cache_fingerprint,
+        cache_teacher_spec,
+        check_teacher_provenance,
+    )
 
     devices = setup_devices(device, train_cfg, deepspeed_config)
     reader = CacheReader(cache_path)
@@ -249,8 +254,10 @@ def train_compat_from_cache(
     identity = {
         "kind": "compat",
         "mode": "cache",
-        "cache": str(Path(cache_path).resolve()),
-        "cache_id": reader.meta.get("dataset_fingerprint"),
+        # the cache's content, not its path: a moved cache resumes the same run, and a cache
+        # rebuilt in place from other teachers or data is a different run (its path is in the
+        # adapter's sidecar)
+        "cache_id": cache_fingerprint(reader.meta, {n: reader.teachers[n] for n in ("v1", "v2")}),
         "v2": describe_model(v2_spec),
         "student_dtype": v2_spec.dtype,  # a resume in another dtype is refused
         "compat": train_identity(compat_cfg),

@@ -159,6 +159,28 @@ def test_cache_training_student_dtype(update, tmp_path, monkeypatch, dtype):
         train_compat_from_cache(update["cache"], run, train_cfg=cfg, student_dtype=other)
 
 
+def test_a_runs_identity_is_its_caches_content_not_its_path(update, tmp_path):
+    """A moved cache resumes (here: finds finished) the same run; a cache rebuilt from another
+    v1 is a different run; the run record holds no machine path of the cache."""
+    cfg = TrainConfig(lr=1e-3, epochs=1, batch_size=4, max_steps=1, seed=0)
+    run = tmp_path / "run"
+    train_compat_from_cache(update["cache"], run, train_cfg=cfg)
+    record = (run / "muscle_run.json").read_text()
+    assert str(update["cache"]) not in record and json.loads(record)["cache_id"]
+    moved = tmp_path / "moved"
+    shutil.copytree(update["cache"], moved)
+    train_compat_from_cache(moved, run, train_cfg=cfg)  # the same run: no "different run"
+    assert json.loads((run / "muscle_run.json").read_text())["status"] == "done"
+    other = tmp_path / "other"
+    other_v1 = ModelSpec(
+        update["v1"].base, str(random_adapter(update["v1"].base, tmp_path / "a", 12))
+    )
+    build_cache(other, "v1", other_v1, DATA, CACHE_CFG, progress=False)
+    build_cache(other, "v2", update["v2"], DATA, CACHE_CFG, progress=False)
+    with pytest.raises(MuscleError, match="holds a different run"):
+        train_compat_from_cache(other, run, train_cfg=cfg)
+
+
 def v1_top1_logprob(model, reader: CacheReader) -> float:
     """Mean log-probability the model gives to v1's top-1 token (from the cache), validation."""
     total, n = 0.0, 0

@@ -52,6 +52,7 @@ from muscle.teacher_cache.schema import (
     schema_for,
 )
 from muscle.teacher_cache.store import (
+    cache_fingerprint,
     cache_teacher_spec,
     check_teacher_provenance,
     list_teachers,
@@ -75,6 +76,7 @@ __all__ = [
     "UnitResult",
     "VerifyReport",
     "build_cache",
+    "cache_fingerprint",
     "cache_teacher_spec",
     "check_compatible",
     "check_teacher_provenance",

@@ -95,6 +95,25 @@ def teacher_provenance(path: str | Path, name: str) -> dict:
     return read_teacher_meta(path, name)
 
 
+# Where a cache, its data or its teachers' files lie, and when it was built: left out of its
+# content fingerprint, so a moved or copied cache is the same cache (a training run resumes on it).
+_NOT_CONTENT = {"data_dir", "base", "adapter", "build", "complete", "muscle_version"}
+
+
+def cache_fingerprint(meta: dict, teachers: dict[str, dict]) -> str:
+    """What a cache holds, as a short hash: its settings, token stream and split fingerprints,
+    and each teacher's model (base fingerprint, adapter sha256, dtype) and settings; not where
+    it lies nor when it was built. ``meta`` and ``teachers`` as :class:`CacheReader` has them."""
+    from muscle.config import fingerprint
+
+    def content(d):
+        if isinstance(d, dict):
+            return {k: content(v) for k, v in d.items() if k not in _NOT_CONTENT}
+        return d
+
+    return fingerprint(content(meta), content(teachers))
+
+
 def check_teacher_provenance(path: str | Path, name: str) -> None:
     """Refuse a teacher whose recorded adapter no longer hashes the same (it was retrained)."""
     from muscle.models import adapter_sha256
