@@ -23,6 +23,9 @@ Stages per task T, each skipped when its committed output exists under ``--out``
   tail (--tail): v2c from a format-2 cache (top-8 + 40 sampled tail tokens, issue 13)
                          -> T/pred/v2c-tail.jsonl
   answer (--answer-only): v2c from a cache of the answer tokens only -> T/pred/v2c-answer.jsonl
+  ce (--ce-weight W):    v2c with an auxiliary cross-entropy, (1-W) L_comp + W CE (paper §5.3:
+                         its updates with a large v1/v2 gap) -> T/pred/v2c-ceW.jsonl; W = 1, the
+                         control: v2 trained on as long with CE alone, no L_comp
   longer (--longer N): v2c trained N times the profile's epochs, before v2c itself
                          -> T/pred/v2c-xN.jsonl
   train-pool eval (PIQA, --train-pool-eval): v1, v2 and every v2c scored on the examples the
@@ -38,7 +41,6 @@ import dataclasses
 import json
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -522,13 +524,15 @@ def task_pipeline(
     caches: tuple[str, ...] = (),
     longer: int | None = None,
     masks: tuple[str, ...] | None = None,
+    ce_weight: float | None = None,
 ) -> None:
     """Every stage of one task that is not finished yet (outputs under OUT/T, see collect).
 
     ``caches``: kinds of :data:`CACHE_VARIANTS` to train a v2c from as well (label v2c-KIND).
     ``masks``: the ablation's masks (default all of :data:`ABLATION_MASKS`). With ``longer``
     each v2c is also trained for ``longer`` times the epochs (label v2c-xN, v2c-MASK-xN,
-    v2c-KIND-xN)."""
+    v2c-KIND-xN). ``ce_weight`` W: a v2c with mask v2c_wrong and (1-W) L_comp + W CE as well
+    (label v2c-ceW, :func:`ce_label`)."""
     ablation_masks = [(m, ce) for m, ce in ABLATION_MASKS if masks is None or m in masks]
     cfg = write_config(run, task)
     pred = run.out / task / "pred"
@@ -543,8 +547,10 @@ def task_pipeline(
     if upto == "pair":
         return
     labels = ["v2c"] + ["v2c-online"] * online + [f"v2c-{m}" for m, _ in ablation_masks] * ablation
+    labels += [ce_label(ce_weight)] if ce_weight is not None else []
     if longer:
         labels += [f"v2c-x{longer}"] + [f"v2c-{m}-x{longer}" for m, _ in ablation_masks] * ablation
+        labels += [f"{ce_label(ce_weight)}-x{longer}"] if ce_weight is not None else []
         labels += [f"v2c-{kind}-x{longer}" for kind in caches]
     if not all(Path(f"{pred / label}.jsonl.done").exists() for label in labels):
         for name in ("v1", "v2"):  # only when some v2c is still to train (tens of MB, rebuilt)
@@ -555,6 +561,20 @@ def task_pipeline(
     variant(run, task, cfg, "v2c", "v2c_wrong", 0.0, times)
     if online:
         variant(run, task, cfg, "v2c-online", "v2c_wrong", 0.0, times, online=True)
+    if ce_weight is not None:
+        label = ce_label(ce_weight)
+        if longer:  # the longer one first, as above
+            variant(
+                run,
+                task,
+                cfg,
+                f"{label}-x{longer}",
+                "v2c_wrong",
+                ce_weight,
+                times,
+                epochs=long_epochs,
+            )
+        variant(run, task, cfg, label, "v2c_wrong", ce_weight, times)
     for kind in caches:
         kind_labels = [f"v2c-{kind}"] + [f"v2c-{kind}-x{longer}"] * bool(longer)
         if not all(Path(f"{pred / label}.jsonl.done").exists() for label in kind_labels):
@@ -570,6 +590,11 @@ def task_pipeline(
         variant(run, task, cfg, label, mask, ce, times, epochs=long_epochs)
     for mask, ce in ablation_masks if ablation else ():
         variant(run, task, cfg, f"v2c-{mask}", mask, ce, times)
+
+
+def ce_label(weight: float) -> str:
+    """The label of the v2c trained with cross-entropy weight ``weight``: v2c-ce0.5."""
+    return f"v2c-ce{weight:g}"
 
 
 def train_pool_eval(run: Run, task: str, cfg: Path, times: dict) -> None:
@@ -595,15 +620,12 @@ def train_pool_eval(run: Run, task: str, cfg: Path, times: dict) -> None:
         os.replace(tmp, eval_file)
     out = run.out / task / "trainpool"
     local = dataclasses.replace(run, data_dir=data, limit_test=None)
-    labels = {"v1": None, "v2": None, "v2c": None}
-    longer = sorted(  # the --longer runs: v2c-xN, v2c-MASK-xN
-        p.name for p in (run.root / task).glob("v2c-*") if re.fullmatch(r"v2c-(.+-)?x\d+", p.name)
-    )
-    others = ["v2c-online", *(f"v2c-{kind}" for kind in CACHE_VARIANTS), *longer]
-    for label in others + [f"v2c-{m}" for m, _ in ABLATION_MASKS]:
-        for where in (run.out / task / "adapters" / label, run.root / task / label):
-            if (where / "adapter_model.safetensors").is_file():
-                labels[label] = where
+    labels: dict[str, Path | None] = {"v1": None, "v2": None, "v2c": None}
+    trained = (run.out / task / "adapters", run.root / task)  # committed first
+    for name in sorted({p.name for where in trained for p in where.glob("v2c-*")}):
+        for where in trained:  # every v2c variant with an adapter: online, caches, masks, ...
+            if (where / name / "adapter_model.safetensors").is_file():
+                labels[name] = where / name
                 break
     model = {"v1": "v1", "v2": "v2"}
     for label, adapter in labels.items():
@@ -708,6 +730,14 @@ def main(argv: list[str] | None = None) -> None:
         "judges only the tokens the task scores; the task adapters stay as they are)",
     )
     ap.add_argument(
+        "--ce-weight",
+        type=float,
+        metavar="W",
+        help="a v2c trained with (1-W) L_comp + W cross-entropy as well (label v2c-ceW), every "
+        "task; the paper adds CE where v1 and v2 are far apart (§5.3). W = 1 is its control: "
+        "v2's adapter trained on as long with the task loss alone",
+    )
+    ap.add_argument(
         "--upto",
         choices=["v1", "pair", "all"],
         default="all",
@@ -736,6 +766,8 @@ def main(argv: list[str] | None = None) -> None:
             f"unknown ablation mask(s) {', '.join(unknown)}: choose from "
             f"{', '.join(m for m, _ in ABLATION_MASKS)}"
         )
+    if a.ce_weight is not None and not 0.0 < a.ce_weight <= 1.0:
+        usage_error(f"--ce-weight {a.ce_weight:g} is outside (0, 1]: pick e.g. 0.5")
     tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
     bad = [t for t in tasks if t not in CPU.tasks]
     if bad:
@@ -773,6 +805,7 @@ def main(argv: list[str] | None = None) -> None:
             caches=("tail",) * a.tail + ("answer",) * a.answer_only,
             longer=a.longer,
             masks=masks,
+            ce_weight=a.ce_weight,
         )
         if a.train_pool_eval and task == "piqa" and a.upto == "all":
             train_pool_eval(run, task, write_config(run, task), times)
@@ -803,6 +836,10 @@ def collect(out: Path) -> dict:
             for f in sorted(tdir.glob(f"compare-v2c-{kind}-x*.json")):
                 key = f.stem.rsplit("-", 1)[1]
                 r.setdefault(f"{kind}_longer", {})[key] = json.loads(f.read_text())
+        for f in sorted(tdir.glob("compare-v2c-ce*.json")):  # --ce-weight W (and --longer N)
+            r.setdefault("ce", {})[f.stem.removeprefix("compare-v2c-ce")] = json.loads(
+                f.read_text()
+            )
         for f in sorted(tdir.glob("compare-v2c-x*.json")):  # --longer N
             r.setdefault("longer", {})[f.stem.removeprefix("compare-v2c-")] = json.loads(
                 f.read_text()
@@ -863,6 +900,12 @@ def _test(t: dict | None) -> str:
     return "–" if not t else f"{t['b']} / {t['c']} (p = {t['p']:.3g})"
 
 
+def ce_name(key: str) -> str:
+    """A key of results' "ce" ("0.5", "0.5-x5") as the tables name it ("0.5 ×5 epochs")."""
+    weight, _, times = key.partition("-x")
+    return f"{weight} ×{times} epochs" if times else weight
+
+
 def markdown(results: dict) -> str:
     """Tables for benchmarks/README.md from OUT/results.json: the pair (v1 -> v2) and every v2c
     variant, with compare's 95% paired-bootstrap intervals and exact sign tests. A task without
@@ -913,6 +956,7 @@ def markdown(results: dict) -> str:
             f"v2c answer-only cache ×{n[1:]} epochs": v
             for n, v in r.get("answer_longer", {}).items()
         }
+        variants |= {f"v2c + CE {ce_name(k)}": v for k, v in r.get("ce", {}).items()}
         variants |= {f"mask {m}": v for m, v in r.get("ablation", {}).items() if m != "v2c_wrong"}
         for label, rep in variants.items():
             if not rep or not rep.get("paper_row"):

@@ -46,11 +46,11 @@ def test_paper_profile_runs_every_stage_and_resumes(tmp_path):
         "DEADLINE_S": "1100",  # a loaded 2-core CI box; the GPU default is 540
     }
     args = ("--limit-test", "8", "--online", "--ablation", "--tail", "--answer-only",
-            "--train-pool-eval")  # fmt: skip
+            "--ce-weight", "0.3", "--train-pool-eval")  # fmt: skip
     p = _run(env, *args)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     piqa = results / "piqa"
-    labels = ["v1", "v2", "v2c", "v2c-online", "v2c-tail", "v2c-answer"] + [
+    labels = ["v1", "v2", "v2c", "v2c-online", "v2c-tail", "v2c-answer", "v2c-ce0.3"] + [
         f"v2c-{m}" for m in ("always_v1", "v1_correct", "token_ll", "seq_ll")
     ]
     rows = {}
@@ -80,6 +80,13 @@ def test_paper_profile_runs_every_stage_and_resumes(tmp_path):
     tail = json.loads((piqa / "compare-v2c-tail.json").read_text())["paper_row"]
     assert tail["n"] == 8
     assert json.loads((piqa / "compare-v2c-answer.json").read_text())["paper_row"]["n"] == 8
+    # --ce-weight: its v2c trained with that cross-entropy weight, and the table shows it
+    assert json.loads((piqa / "pred" / "v2c-ce0.3.muscle_run.json").read_text())["compat"][
+        "ce_weight"
+    ] == pytest.approx(0.3)
+    results_json = json.loads((results / "results.json").read_text())
+    assert results_json["tasks"]["piqa"]["ce"]["0.3"]["paper_row"]["n"] == 8
+    assert "| piqa | v2c + CE 0.3 | 8 |" in p.stdout
 
     def learned_tokens(label):  # summed over its logged training steps
         log = (piqa / "pred" / f"{label}.train_log.jsonl").read_text().splitlines()
@@ -156,3 +163,13 @@ def test_a_stage_another_invocation_holds_is_waited_for_then_skipped(tmp_path, c
     assert rp.stage(run, "s", cmd, done, times) is True
     assert marker.exists() and "s" in json.loads((run.out / "timings.json").read_text())
     assert times["s"] >= 0
+
+
+@pytest.mark.parametrize("weight", ["0", "1.5", "-0.5"])
+def test_a_ce_weight_outside_0_1_is_one_line(weight, capsys):
+    rp = _reproduce_module()
+    with pytest.raises(SystemExit) as e:
+        rp.main(["--data-dir", str(FIXTURE_DATA), "--ce-weight", weight])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--ce-weight" in err[0] and "(0, 1]" in err[0]
