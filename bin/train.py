@@ -91,7 +91,9 @@ _DEF_C = CompatConfig()
     default=_DEF_C.ce_weight,
     show_default=True,
     type=float,
-    help="(1-w) L_comp + w CE; the paper's lambda is 1 - w.",
+    help="(1-w) L_comp + w CE; the paper's lambda is 1 - w. Mind the scales: the masked KL "
+    "is ~0.01-0.1 per token where CE is nats, so w = 0.5 lets CE dominate; a few hundredths "
+    "weigh them alike (benchmarks/README.md, HellaSwag).",
 )
 @click.option("--t2-scale", is_flag=True, help="Multiply the KL by T^2 (off in the paper).")
 @click.option(
