@@ -556,35 +556,28 @@ def task_pipeline(
         for name in ("v1", "v2"):  # only when some v2c is still to train (tens of MB, rebuilt)
             cache_build(run, task, cfg, name, times)
     long_epochs = run.sizes(task).compat_epochs * longer if longer else None
-    if longer:  # first: on PIQA one epoch proved under-trained, so this is the row that matters
-        variant(run, task, cfg, f"v2c-x{longer}", "v2c_wrong", 0.0, times, epochs=long_epochs)
-    variant(run, task, cfg, "v2c", "v2c_wrong", 0.0, times)
+
+    def trained(label: str, ce: float = 0.0, cache: Path | None = None) -> None:
+        """v2c ``label`` (mask v2c_wrong) and, with ``longer``, LABEL-xN before it: on PIQA one
+        epoch proved under-trained, so the longer run is the row that matters."""
+        if longer:
+            long_label = f"{label}-x{longer}"
+            variant(
+                run, task, cfg, long_label, "v2c_wrong", ce, times, cache=cache, epochs=long_epochs
+            )
+        variant(run, task, cfg, label, "v2c_wrong", ce, times, cache=cache)
+
+    trained("v2c")
     if online:
         variant(run, task, cfg, "v2c-online", "v2c_wrong", 0.0, times, online=True)
     if ce_weight is not None:
-        label = ce_label(ce_weight)
-        if longer:  # the longer one first, as above
-            variant(
-                run,
-                task,
-                cfg,
-                f"{label}-x{longer}",
-                "v2c_wrong",
-                ce_weight,
-                times,
-                epochs=long_epochs,
-            )
-        variant(run, task, cfg, label, "v2c_wrong", ce_weight, times)
+        trained(ce_label(ce_weight), ce=ce_weight)
     for kind in caches:
         kind_labels = [f"v2c-{kind}"] + [f"v2c-{kind}-x{longer}"] * bool(longer)
         if not all(Path(f"{pred / label}.jsonl.done").exists() for label in kind_labels):
             for name in ("v1", "v2"):
                 cache_build(run, task, cfg, name, times, kind=kind)
-        cache = cache_dir(run, task, kind)
-        if longer:  # the longer one first, as above
-            label = f"v2c-{kind}-x{longer}"
-            variant(run, task, cfg, label, "v2c_wrong", 0.0, times, cache=cache, epochs=long_epochs)
-        variant(run, task, cfg, f"v2c-{kind}", "v2c_wrong", 0.0, times, cache=cache)
+        trained(f"v2c-{kind}", cache=cache_dir(run, task, kind))
     for mask, ce in ablation_masks if ablation and longer else ():  # the longer ones first
         label = f"v2c-{mask}-x{longer}"
         variant(run, task, cfg, label, mask, ce, times, epochs=long_epochs)
