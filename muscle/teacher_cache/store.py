@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from muscle import MuscleError
-from muscle.config import ModelSpec
+from muscle.config import ModelSpec, fingerprint
 from muscle.teacher_cache.schema import (
     CACHE_LEVEL,
     SPLIT_CODES,
@@ -104,7 +104,6 @@ def cache_fingerprint(meta: dict, teachers: dict[str, dict]) -> str:
     """What a cache holds, as a short hash: its settings, token stream and split fingerprints,
     and each teacher's model (base fingerprint, adapter sha256, dtype) and settings; not where
     it lies nor when it was built. ``meta`` and ``teachers`` as :class:`CacheReader` has them."""
-    from muscle.config import fingerprint
 
     def content(d):
         if isinstance(d, dict):
